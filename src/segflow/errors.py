@@ -1,0 +1,17 @@
+"""Typed errors. Each message says what was received and what to do about it."""
+
+
+class SegflowError(Exception):
+    """Base class: the CLI prints the message and exits with code 2, no traceback."""
+
+
+class ConfigError(SegflowError):
+    """A configuration value or file is invalid."""
+
+
+class InputError(SegflowError):
+    """An input location or file cannot be used as given."""
+
+
+class DatasetError(SegflowError):
+    """A dataset does not follow the contract in docs/dataset.md, or conflicts with a request."""

@@ -1,0 +1,56 @@
+"""Configuration of the ingest stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from segflow.config import StageConfig
+
+Layout = Literal["isic", "nerve", "luna", "folder"]
+LAYOUTS: tuple[str, ...] = ("isic", "nerve", "luna", "folder")
+
+
+class IngestConfig(StageConfig):
+    """Everything ``segflow ingest`` takes. Fields marked runtime do not change the output."""
+
+    layout: Layout
+    source: str = Field(description="URL of the raw archive (folder or s3 prefix)")
+    dataset: str = Field(description="URL of the Zarr dataset to create or extend")
+    masks: str | None = Field(None, description="URL of the masks when not beside the images")
+    size: tuple[int, int] = Field((256, 256), description="target (H, W)")
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    require_masks: bool | None = Field(
+        None, description="reject images without a mask; default: yes when any mask is found"
+    )
+    max_pixels: int = Field(178_956_970, gt=0, description="reject images above this many pixels")
+    # folder layout
+    image_glob: str = Field("*", description="folder layout: fnmatch of image paths")
+    mask_template: str = Field(
+        "{stem}_mask.png", description="folder layout: mask name from {stem}, {name}, {ext}"
+    )
+    # luna layout
+    annotations: str | None = Field(None, description="luna: CSV URL (default: source/...)")
+    hu_window: tuple[float, float] = Field((-1000.0, 400.0), description="luna: HU window")
+    # runtime
+    workers: int | None = Field(None, ge=1, description="local Dask workers (default: cores)")
+    dask_address: str | None = Field(None, description="Dask scheduler address")
+    batch_size: int = Field(8, ge=1, le=1024, description="images per Dask task")
+    strict: bool = Field(False, description="exit non-zero when anything was rejected")
+
+    runtime_fields = frozenset({"storage", "workers", "dask_address", "strict", "batch_size"})
+
+    @field_validator("size")
+    @classmethod
+    def _size_ok(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8 or max(v) > 8192:
+            raise ValueError(f"size must be two integers (H, W) in 8..8192, got {v}")
+        return v
+
+    @field_validator("hu_window")
+    @classmethod
+    def _window_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= v[0]:
+            raise ValueError(f"hu_window must be (low, high) with low < high, got {v}")
+        return v

@@ -1,0 +1,203 @@
+"""The dataset contract (docs/dataset.md): a Zarr v3 group that every later stage reads.
+
+Arrays (N = ``attrs["n"]`` = len(ids)):
+
+=================  ===============  ======  ==================================================
+name               shape            dtype   meaning
+=================  ===============  ======  ==================================================
+images             (N, H, W, 3)     uint8   RGB; greyscale replicated; chunk = one image
+masks              (N, H, W)        uint8   {0, 1}; chunk = one mask; absent if no mask at all
+has_mask           (N,)             bool    whether row i has a mask
+orig_size          (N, 2)           int32   (h, w) of the source, after EXIF orientation
+pad_box            (N, 4)           int32   (top, left, bottom, right) of the content in H x W
+orig_channels      (N,)             uint8   channels of the source file (1, 2, 3, 4)
+ids                (N,)             str     image id (ISIC: ``ISIC_0000000``)
+groups             (N,)             str     fold group (nerve subject, CT series); "" = none
+sources            (N,)             str     URL of the image file
+mask_sources       (N,)             str     URL of the mask file ("" if none or drawn)
+content_hashes     (N,)             str     sha256 of the row's source bytes
+fingerprints       (N,)             str     listing fingerprint (size+mtime / ETag), for resume
+=================  ===============  ======  ==================================================
+
+Attributes: ``contract`` (version), ``layout``, ``size`` [H, W], ``resize``, ``n``,
+``segflow_version``, ``content_hash`` (of the sorted (id, content_hash) pairs and the geometry).
+
+Writers: each image/mask chunk is written by exactly one task; the 1-D arrays and the attrs
+are written only by the driver, at the end of a run. Rows [0, n) are committed; anything past
+``n`` in ``images``/``masks`` belongs to an unfinished run and is not part of the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segflow import __version__
+from segflow.errors import DatasetError
+from segflow.storage import Store
+
+CONTRACT_VERSION = 1
+STR_ARRAYS = ("ids", "groups", "sources", "mask_sources", "content_hashes", "fingerprints")
+INDEX_CHUNK = 65536
+
+
+def open_group(store: Store, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(store.zarr_store(read_only=mode == "r"), mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise DatasetError(f"no segflow dataset at {store.url}; run `segflow ingest` first") from e
+
+
+def create_or_check(store: Store, size: tuple[int, int], resize: str, layout: str) -> zarr.Group:
+    """Open the dataset for appending, creating it if absent. The geometry of an existing
+    dataset can't change: appending 384x512 letterboxed rows to a 256x256 stretched dataset
+    would silently mix two datasets."""
+    g = zarr.open_group(store.zarr_store(), mode="a")
+    if "images" in g:
+        have = (tuple(g.attrs.get("size", ())), g.attrs.get("resize"), g.attrs.get("layout"))
+        if have != (tuple(size), resize, layout):
+            raise DatasetError(
+                f"dataset {store.url} was built with size={list(have[0])} resize={have[1]} "
+                f"layout={have[2]}, but this run asks for size={list(size)} resize={resize} "
+                f"layout={layout}; use another --dataset URL or the same options"
+            )
+        return g
+    h, w = size
+    g.create_array("images", shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8")
+    g.create_array("has_mask", shape=(0,), chunks=(INDEX_CHUNK,), dtype="bool")
+    g.create_array("orig_size", shape=(0, 2), chunks=(INDEX_CHUNK, 2), dtype="int32")
+    g.create_array("pad_box", shape=(0, 4), chunks=(INDEX_CHUNK, 4), dtype="int32")
+    g.create_array("orig_channels", shape=(0,), chunks=(INDEX_CHUNK,), dtype="uint8")
+    for name in STR_ARRAYS:
+        g.create_array(name, shape=(0,), chunks=(INDEX_CHUNK,), dtype=str)
+    g.attrs.update(
+        {
+            "contract": CONTRACT_VERSION,
+            "layout": layout,
+            "size": [h, w],
+            "resize": resize,
+            "n": 0,
+            "segflow_version": __version__,
+        }
+    )
+    return g
+
+
+def ensure_capacity(g: zarr.Group, n: int, with_masks: bool) -> None:
+    """Grow the pixel arrays to at least ``n`` rows (a metadata-only change)."""
+    images = g["images"]
+    _, h, w, _ = images.shape
+    if with_masks and "masks" not in g:
+        g.create_array("masks", shape=images.shape[:3], chunks=(1, h, w), dtype="uint8")
+    for name in ("images", "masks"):
+        if name in g and g[name].shape[0] < n:
+            g[name].resize((n, *g[name].shape[1:]))
+
+
+@dataclass
+class Index:
+    """The committed rows' metadata, as plain Python lists (index i = row i)."""
+
+    columns: dict[str, list[Any]]
+
+    @property
+    def n(self) -> int:
+        return len(self.columns["ids"])
+
+    def truncate(self, n: int) -> Index:
+        return Index({k: v[:n] for k, v in self.columns.items()})
+
+    def row(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+INDEX_COLUMNS = (*STR_ARRAYS, "has_mask", "orig_size", "pad_box", "orig_channels")
+
+
+def read_index(g: zarr.Group) -> Index:
+    n = int(g.attrs.get("n", 0))
+    cols: dict[str, list[Any]] = {}
+    for name in INDEX_COLUMNS:
+        arr = g[name][:n] if n else np.empty((0,))
+        cols[name] = [x.tolist() if isinstance(x, np.ndarray) else _py(x) for x in arr]
+    return Index(cols)
+
+
+def write_index(g: zarr.Group, index: Index) -> None:
+    """Rewrite every 1-D array from ``index`` (driver only) and shrink the pixel arrays."""
+    n = index.n
+    for name in INDEX_COLUMNS:
+        arr = g[name]
+        values = index.columns[name]
+        if name in STR_ARRAYS:
+            data = np.array(values, dtype=np.dtypes.StringDType()) if n else None
+        else:
+            data = np.asarray(values, dtype=arr.dtype).reshape((n, *arr.shape[1:]))
+        arr.resize((n, *arr.shape[1:]))
+        if n:
+            arr[:] = data
+    for name in ("images", "masks"):
+        if name in g and g[name].shape[0] != n:
+            g[name].resize((n, *g[name].shape[1:]))
+    g.attrs.update({"n": n, "segflow_version": __version__, "content_hash": content_hash(g, index)})
+
+
+def content_hash(g: zarr.Group, index: Index) -> str:
+    h = hashlib.sha256()
+    h.update(repr((g.attrs.get("size"), g.attrs.get("resize"), g.attrs.get("layout"))).encode())
+    for i, c in sorted(zip(index.columns["ids"], index.columns["content_hashes"], strict=True)):
+        h.update(f"{i}\0{c}\n".encode())
+    return h.hexdigest()
+
+
+def _py(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+class Dataset:
+    """Read access for later stages: one image or mask reads one chunk, never the array."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.group = open_group(store, "r")
+        if self.group.attrs.get("contract") != CONTRACT_VERSION:
+            raise DatasetError(
+                f"{store.url} has dataset contract {self.group.attrs.get('contract')!r}; this "
+                f"segflow reads contract {CONTRACT_VERSION}"
+            )
+        self.n = int(self.group.attrs["n"])
+        self.size = tuple(self.group.attrs["size"])
+        self.resize = self.group.attrs["resize"]
+
+    @classmethod
+    def open(cls, url: str, storage=None) -> Dataset:
+        return cls(Store(url, storage))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.group[name][: self.n]
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(x) for x in self.column("ids")]
+
+    def image(self, i: int) -> np.ndarray:
+        self._check(i)
+        return self.group["images"][i]
+
+    def mask(self, i: int) -> np.ndarray | None:
+        self._check(i)
+        if "masks" not in self.group or not bool(self.group["has_mask"][i]):
+            return None
+        return self.group["masks"][i]
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.n:
+            raise IndexError(f"row {i} is outside this dataset's {self.n} rows")

@@ -1,0 +1,185 @@
+"""The per-batch work of ingest, run on Dask workers.
+
+A batch owns its rows' slots: it writes each row's image and mask chunk, then the row's record
+``_staging/rows/<slot>.json``. The record is written last, so it means "this slot is done";
+a killed run redoes exactly the slots without a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segflow.geometry import Placement, place
+from segflow.imaging import (
+    Rejected,
+    align_mask,
+    decode_image,
+    decode_mask,
+    image_to_frame,
+    mask_to_frame,
+)
+from segflow.storage import Store, sha256_bytes
+
+STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Everything a worker needs; small and picklable (Stores rebuild their fs lazily)."""
+
+    source: Store
+    masks: Store
+    dataset: Store
+    size: tuple[int, int]
+    resize: str
+    max_pixels: int
+    hu_window: tuple[float, float]
+    layout: str
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A planned row: which dataset index it goes to, and where its inputs are."""
+
+    index: int
+    id: str
+    group: str
+    unit: str
+    image: str
+    mask: str | None
+    fingerprint: str
+    extra: dict[str, Any]
+
+
+def record_name(s: Slot) -> str:
+    """Record file of a slot; the name carries a hash of what was planned for it, so a record
+    left by an older plan for the same slot is never mistaken for this one."""
+    h = hashlib.sha256(f"{s.id}\0{s.fingerprint}".encode()).hexdigest()[:12]
+    return f"{STAGING}/rows/{s.index:09d}-{h}.json"
+
+
+def process_batch(slots: list[Slot], ctx: WorkerContext) -> int:
+    """Decode, write and record every slot of the batch; returns how many were written."""
+    zs = ctx.dataset.zarr_store()
+    images = zarr.open_array(zs, path="images", mode="r+")
+    masks = zarr.open_array(zs, path="masks", mode="r+") if _has_masks(zs) else None
+    done = 0
+    for unit_slots in _by_unit(slots):
+        try:
+            rows = _decode_unit(unit_slots, ctx)
+        except Rejected as r:
+            for s in unit_slots:
+                _write_record(ctx, s, _rejection(ctx, s, r.reason, r.detail))
+            continue
+        except Exception as e:  # never lose a batch to one bad file: quarantine with the cause
+            detail = f"{type(e).__name__}: {e} ({traceback.format_exc(limit=2).splitlines()[-1]})"
+            for s in unit_slots:
+                _write_record(ctx, s, _rejection(ctx, s, "error", detail))
+            continue
+        for s, (image, mask, meta) in zip(unit_slots, rows, strict=True):
+            images[s.index] = image
+            if mask is not None and masks is not None:
+                masks[s.index] = mask
+            _write_record(ctx, s, meta)
+            done += 1
+    return done
+
+
+def _has_masks(zs) -> bool:
+    try:
+        zarr.open_array(zs, path="masks", mode="r")
+    except (FileNotFoundError, zarr.errors.ArrayNotFoundError, KeyError):
+        return False
+    return True
+
+
+def _by_unit(slots: list[Slot]) -> list[list[Slot]]:
+    units: dict[str, list[Slot]] = {}
+    for s in slots:
+        units.setdefault(s.unit, []).append(s)
+    return list(units.values())
+
+
+def _decode_unit(slots: list[Slot], ctx: WorkerContext):
+    if ctx.layout == "luna":
+        return _decode_luna(slots, ctx)
+    return [_decode_2d(s, ctx) for s in slots]
+
+
+def _decode_2d(s: Slot, ctx: WorkerContext):
+    data = ctx.source.read_bytes(s.image)
+    img = decode_image(data, s.image, ctx.max_pixels, ctx.size, ctx.resize)  # type: ignore[arg-type]
+    placement = place(img.orig_size, ctx.size, ctx.resize)  # type: ignore[arg-type]
+    quirks = list(img.quirks)
+    mask_frame, mask_bytes = None, b""
+    if s.mask is not None:
+        mask_bytes = ctx.masks.read_bytes(s.mask)
+        mask, mq = decode_mask(mask_bytes, s.mask, ctx.max_pixels)
+        mask, aq = align_mask(mask, img, s.mask)
+        quirks += mq + aq
+        mask_frame = mask_to_frame(mask, placement)
+    meta = _meta(ctx, s, placement, img.channels, sha256_bytes(data, mask_bytes), quirks)
+    meta["mask_source"] = ctx.masks.uri(s.mask) if s.mask else ""
+    return image_to_frame(img, placement), mask_frame, meta
+
+
+def _decode_luna(slots: list[Slot], ctx: WorkerContext):
+    from PIL import Image
+
+    from segflow.ingest.luna import draw_ellipses, read_slices, window
+
+    hu = read_slices(
+        ctx.source, slots[0].image, slots[0].extra["raw"], [s.extra["z"] for s in slots]
+    )
+    out = []
+    for s in slots:
+        plane = hu[s.extra["z"]]
+        mask = draw_ellipses(plane.shape, s.extra["ellipses"])
+        placement = place(plane.shape, ctx.size, ctx.resize)  # type: ignore[arg-type]
+        from segflow.geometry import to_frame
+
+        image = to_frame(Image.fromarray(window(plane, *ctx.hu_window)), placement)
+        image = np.repeat(image[..., None], 3, axis=-1)
+        meta = _meta(ctx, s, placement, 1, sha256_bytes(plane.tobytes(), mask.tobytes()), [])
+        meta["mask_source"] = ""
+        out.append((image, mask_to_frame(mask, placement), meta))
+    return out
+
+
+def _meta(ctx, s: Slot, p: Placement, channels: int, chash: str, quirks: list[str]):
+    return {
+        "status": "ok",
+        "index": s.index,
+        "id": s.id,
+        "group": s.group,
+        "source": ctx.source.uri(s.image),
+        "fingerprint": s.fingerprint,
+        "content_hash": chash,
+        "has_mask": s.mask is not None or ctx.layout == "luna",
+        "orig_size": list(p.orig_size),
+        "pad_box": list(p.pad_box),
+        "orig_channels": channels,
+        "quirks": quirks,
+    }
+
+
+def _rejection(ctx: WorkerContext, s: Slot, reason: str, detail: str) -> dict[str, Any]:
+    return {
+        "status": "rejected",
+        "index": s.index,
+        "id": s.id,
+        "source": ctx.source.uri(s.image),
+        "fingerprint": s.fingerprint,
+        "reason": reason,
+        "detail": detail,
+    }
+
+
+def _write_record(ctx: WorkerContext, s: Slot, record: dict[str, Any]) -> None:
+    ctx.dataset.write_json(record_name(s), record)

@@ -1,0 +1,282 @@
+"""One storage interface for every stage: a URL in a local folder or in S3.
+
+Contract (see docs/storage.md):
+
+* Every location is a URL: a plain path or ``file://...`` (local), or ``s3://bucket/prefix``.
+* ``write_bytes`` is atomic: readers see the old object or the whole new one, never a part.
+  Locally that is a write to a temporary name in the same folder plus ``os.replace``; on S3 a
+  single PUT already has that property.
+* A stage marks a finished artifact with ``mark_complete(name, payload)``; ``read_marker``
+  returns the payload or ``None``. A marker is written last, so its presence means "done".
+* ``sha256_*`` are the content hashes that downstream cache keys are built from.
+* Secrets (access keys, session tokens) live in :class:`StorageOptions` as ``SecretStr`` and are
+  excluded from every dump, repr and log line.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from segflow.errors import SegflowError
+
+# boto >= 1.36 sends checksums that MinIO and other S3-compatible servers reject.
+os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+
+MARKER_SUFFIX = ".complete.json"
+_HASH_CHUNK = 4 << 20
+
+
+class StorageError(SegflowError):
+    """A location cannot be used: bad URL, missing object, or a refused request."""
+
+
+class StorageOptions(BaseModel):
+    """How to reach object storage. Anything left unset comes from the usual AWS variables
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``...)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    token: SecretStr | None = None
+    anon: bool = False
+
+    def fsspec_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` (secrets revealed here only)."""
+        kw: dict[str, Any] = {"anon": self.anon}
+        if self.endpoint_url:
+            kw["endpoint_url"] = self.endpoint_url
+        if self.region:
+            kw["client_kwargs"] = {"region_name": self.region}
+        if self.profile:
+            kw["profile"] = self.profile
+        if self.key:
+            kw["key"] = self.key.get_secret_value()
+        if self.secret:
+            kw["secret"] = self.secret.get_secret_value()
+        if self.token:
+            kw["token"] = self.token.get_secret_value()
+        return kw
+
+    def public_dict(self) -> dict[str, Any]:
+        """What may be logged or saved: everything but the secrets."""
+        return self.model_dump(exclude={"key", "secret", "token"})
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed object. ``rel`` is relative to the listed store; ``fingerprint`` changes
+    whenever the content may have changed (size+mtime locally, ETag+size on S3)."""
+
+    rel: str
+    size: int
+    fingerprint: str
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(protocol, path)`` of a location URL; plain paths are local."""
+    if not url:
+        raise StorageError("empty location URL; give a path, file://... or s3://bucket/prefix")
+    if "://" not in url:
+        return "file", os.path.abspath(os.path.expanduser(url))
+    protocol, _, rest = url.partition("://")
+    if protocol == "file":
+        return "file", os.path.abspath(rest)
+    if protocol in ("s3", "s3a"):
+        if not rest.strip("/"):
+            raise StorageError(f"S3 URL {url!r} names no bucket; expected s3://bucket/prefix")
+        return "s3", rest.rstrip("/")
+    raise StorageError(f"unsupported storage URL {url!r}: use a local path, file://, or s3://")
+
+
+class Store:
+    """A folder-like location. Cheap to create and safe to pickle (the filesystem object is
+    rebuilt lazily in each process, so a Store can be sent to Dask or Ray workers)."""
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        self.protocol, self.root = split_url(url)
+        self.options = options or StorageOptions()
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.root if self.protocol == "file" else f"{self.protocol}://{self.root}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "root": self.root, "options": self.options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self.is_local:
+            return fsspec.filesystem("file", auto_mkdir=True)
+        return fsspec.filesystem("s3", **self.options.fsspec_kwargs())
+
+    def path(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        if ".." in rel.split("/"):
+            raise StorageError(f"relative path {rel!r} escapes its store {self.url!r}")
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def uri(self, rel: str = "") -> str:
+        p = self.path(rel)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    def child(self, rel: str) -> Store:
+        return Store(self.uri(rel), self.options)
+
+    # -- reads -------------------------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return bool(self.fs.exists(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError as e:
+            raise StorageError(f"no object at {self.uri(rel)}") from e
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    def list(self, rel: str = "", pattern: str | None = None) -> list[FileInfo]:
+        """All objects under ``rel`` (recursively), sorted; ``pattern`` is an fnmatch on the
+        relative path. Temporary files of in-flight atomic writes are never listed."""
+        base = self.path(rel)
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base, detail=True)
+        out = []
+        for full, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            sub = posixpath.relpath(_strip_protocol(full), self.root)
+            name = posixpath.basename(sub)
+            if name.startswith(".tmp-"):
+                continue
+            if pattern and not fnmatch.fnmatch(sub, pattern):
+                continue
+            out.append(FileInfo(sub, int(info.get("size") or 0), _fingerprint(info)))
+        return sorted(out, key=lambda f: f.rel)
+
+    # -- writes ------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Atomically write ``data`` at ``rel`` and return its URI."""
+        target = self.path(rel)
+        if self.is_local:
+            folder = os.path.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            self.fs.pipe_file(target, data)  # one PUT: atomic by S3's semantics
+        return self.uri(rel)
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=recursive)
+
+    # -- stage markers -----------------------------------------------------------------------
+    def mark_complete(self, name: str, payload: dict[str, Any]) -> str:
+        """Write the marker that says artifact ``name`` is finished; write it last."""
+        return self.write_json(f"{name}{MARKER_SUFFIX}", payload)
+
+    def read_marker(self, name: str) -> dict[str, Any] | None:
+        rel = f"{name}{MARKER_SUFFIX}"
+        return self.read_json(rel) if self.exists(rel) else None
+
+    def clear_marker(self, name: str) -> None:
+        self.delete(f"{name}{MARKER_SUFFIX}")
+
+    # -- zarr ----------------------------------------------------------------------------------
+    def zarr_store(self, rel: str = "", read_only: bool = False):
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.uri(rel),
+            storage_options={**self.options.fsspec_kwargs(), "asynchronous": True},
+            read_only=read_only,
+        )
+
+
+def _strip_protocol(p: str) -> str:
+    return p.split("://", 1)[1] if "://" in p else p
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"') + f":{size}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"mt:{mtime}:{size}"
+
+
+def sha256_bytes(*parts: bytes) -> str:
+    """Hash of the concatenation, with lengths, so ``(a, b)`` and ``(ab,)`` differ."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+def sha256_object(store: Store, rel: str) -> str:
+    """Streaming hash of one object, for files too large to hold in memory."""
+    h = hashlib.sha256()
+    with store.open(rel) as f:
+        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
