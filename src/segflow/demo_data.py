@@ -187,7 +187,16 @@ def _draw_lesion_shape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         r2 = rng.uniform(0.4, 0.75) * radius
         y2, x2 = cy + dist * math.sin(angle), cx + dist * math.cos(angle)
         inside |= _blob(rng, yy - y2, xx - x2, r2) < limit
-    return inside.astype(np.uint8)
+    return _one_piece(inside).astype(np.uint8)
+
+
+def _one_piece(inside: np.ndarray) -> np.ndarray:
+    """The largest connected part, holes filled: the wiggle can leave specks and pinholes
+    near the boundary, and an annotator draws one closed outline."""
+    labels, count = ndimage.label(inside)
+    if count > 1:
+        inside = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return ndimage.binary_fill_holes(inside)
 
 
 def _blob(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:

@@ -82,7 +82,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         len(slots) - len(todo),
     )
     _run_batches(todo, ctx, cfg)
-    return _finalize(cfg, ds, g, plan, committed, found, carried, stale, unchanged, t0)
+    result = _finalize(cfg, ds, g, plan, committed, found, carried, stale, unchanged, t0)
+    result.extra = {"decoded": len(todo), "resumed": len(slots) - len(todo)}
+    return result
 
 
 # -- planning -------------------------------------------------------------------------------------
