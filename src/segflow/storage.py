@@ -167,8 +167,8 @@ class Store:
         return self.fs.open(self.path(rel), mode)
 
     def list(self, rel: str = "", pattern: str | None = None) -> list[FileInfo]:
-        """All objects under ``rel`` (recursively), sorted; ``pattern`` is an fnmatch on the
-        relative path. Temporary files of in-flight atomic writes are never listed."""
+        """All objects under ``rel`` (recursively), sorted, with paths relative to the store's
+        root (not to ``rel``); ``pattern`` is an fnmatch on that path. Temporary files of in-flight atomic writes are never listed."""
         base = self.path(rel)
         if not self.fs.exists(base):
             return []

@@ -154,7 +154,7 @@ def _any_masks(slots: list[Slot], cfg: IngestConfig, g) -> bool:
 
 
 def _todo(ds: Store, slots: list[Slot]) -> list[Slot]:
-    have = {f"{STAGING}/rows/{f.rel}" for f in ds.list(f"{STAGING}/rows")}
+    have = {f.rel for f in ds.list(f"{STAGING}/rows")}  # rels are relative to the store
     return [s for s in slots if record_name(s) not in have]
 
 
