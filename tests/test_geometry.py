@@ -73,7 +73,7 @@ def test_place_letterbox_keeps_aspect_and_fits() -> None:
         p = place(orig, (48, 64), "letterbox")
         top, left, bottom, right = p.pad_box
         ch, cw = p.content_hw
-        assert 0 <= top and 0 <= left and bottom <= 48 and right <= 64
+        assert top >= 0 and left >= 0 and bottom <= 48 and right <= 64
         # one side touches the frame, the other is centred (pads differ by at most 1)
         assert ch == 48 or cw == 64
         assert abs(top - (48 - bottom)) <= 1 and abs(left - (64 - right)) <= 1
@@ -204,7 +204,7 @@ def test_probability_round_trip_bilinear(policy, dtype) -> None:
     assert back.shape == orig
     assert back.dtype == dtype
     assert np.abs(back - prob).max() < 0.05
-    assert 0 <= back.min() and back.max() <= 1 + 1e-6
+    assert back.min() >= 0 and back.max() <= 1 + 1e-6
 
 
 def test_probability_round_trip_nearest_keeps_values() -> None:

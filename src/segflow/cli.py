@@ -32,9 +32,7 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print a JSON summary as the last line")]
 StorageOpt = Annotated[
     str | None,
-    typer.Option(
-        "--endpoint-url", help="S3 endpoint (MinIO...); default: AWS_ENDPOINT_URL or AWS"
-    ),
+    typer.Option("--endpoint-url", help="S3 endpoint (MinIO...); default: AWS_ENDPOINT_URL or AWS"),
 ]
 
 

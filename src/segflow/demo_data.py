@@ -135,7 +135,11 @@ def _bspline_taps(n: int, scale: float) -> tuple[np.ndarray, list[np.ndarray]]:
     pos = np.arange(n, dtype=np.float32) / np.float32(scale)
     t = pos - np.floor(pos)
     first = pos.astype(np.intp)
-    weights = [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6]
+    weights = [
+        (1 - t) ** 3 / 6,
+        (3 * t**3 - 6 * t**2 + 4) / 6,
+        (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6,
+    ]
     return first, [*weights, t**3 / 6]
 
 

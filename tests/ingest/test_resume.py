@@ -91,9 +91,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_source(local, tmp_path):
     done_before = _count_records(dataset)
     assert 30 <= done_before < n, f"kill landed outside the run ({done_before} records)"
 
-    res = ingest(
-        IngestConfig(layout="isic", source=src.url, dataset=str(dataset), size=(64, 64))
-    )
+    res = ingest(IngestConfig(layout="isic", source=src.url, dataset=str(dataset), size=(64, 64)))
     assert res.n_images == n
     assert res.extra["resumed"] >= done_before - 1  # the finished part was not redone
     assert res.extra["decoded"] == n - res.extra["resumed"]
@@ -102,9 +100,12 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_source(local, tmp_path):
     assert ds.group["images"].shape[0] == n
     _check_rows_match_sources(ds)
     assert not (dataset / "_staging").exists()
-    assert ingest(
-        IngestConfig(layout="isic", source=src.url, dataset=str(dataset), size=(64, 64))
-    ).status == "up_to_date"
+    assert (
+        ingest(
+            IngestConfig(layout="isic", source=src.url, dataset=str(dataset), size=(64, 64))
+        ).status
+        == "up_to_date"
+    )
 
 
 def test_geometry_of_existing_dataset_cannot_change(local):
