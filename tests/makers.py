@@ -25,10 +25,10 @@ def lesion_box(k: int, h: int, w: int) -> tuple[int, int, int, int]:
 def coded_pair(k: int, h: int = 48, w: int = 64) -> tuple[np.ndarray, np.ndarray]:
     img = np.empty((h, w, 3), np.uint8)
     img[:] = colour_of(k)
-    t, l, b, r = lesion_box(k, h, w)
-    img[t:b, l:r] = (30, 20, 10)
+    t, left, b, r = lesion_box(k, h, w)
+    img[t:b, left:r] = (30, 20, 10)
     mask = np.zeros((h, w), np.uint8)
-    mask[t:b, l:r] = 255
+    mask[t:b, left:r] = 255
     return img, mask
 
 

@@ -161,23 +161,27 @@ def test_grey_threshold_fails_but_local_contrast_works() -> None:
 
 # -- bad arguments ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("kwargs", "shown"),
+    ("kwargs", "received", "allowed"),
     [
-        ({"n": 0}, "0"),
-        ({"n": -3}, "-3"),
-        ({"n": 2.5}, "2.5"),
-        ({"n": 2, "size": (31, 64)}, "(31, 64)"),
-        ({"n": 2, "size": (64,)}, "(64,)"),
-        ({"n": 2, "size": (64, 64.0)}, "(64, 64.0)"),
-        ({"n": 2, "seed": -1}, "-1"),
+        ({"n": 0}, "0", "n must be an integer >= 1"),
+        ({"n": -3}, "-3", "n must be an integer >= 1"),
+        ({"n": 2.5}, "2.5", "n must be an integer >= 1"),
+        ({"n": 2, "size": (31, 64)}, "(31, 64)", "integers >= 32"),
+        ({"n": 2, "size": (64,)}, "(64,)", "integers >= 32"),
+        ({"n": 2, "size": (64, 64.0)}, "(64, 64.0)", "integers >= 32"),
+        ({"n": 2, "seed": -1}, "-1", "seed must be an integer >= 0"),
     ],
 )
-def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict, shown: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(shown)):
+def test_bad_arguments_raise_value_error(
+    tmp_path: Path, kwargs: dict, received: str, allowed: str
+) -> None:
+    with pytest.raises(ValueError) as error:
         generate_demo_data(str(tmp_path / "x"), **kwargs)
+    assert received in str(error.value)
+    assert allowed in str(error.value)
     assert not (tmp_path / "x").exists()  # validated before anything is written
 
 
 def test_make_sample_rejects_small_size() -> None:
-    with pytest.raises(ValueError, match=re.escape("(16, 16)")):
+    with pytest.raises(ValueError, match=re.escape("integers >= 32, got (16, 16)")):
         make_sample(np.random.default_rng(0), (16, 16))

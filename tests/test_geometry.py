@@ -197,7 +197,7 @@ def test_probability_round_trip_bilinear(policy, dtype) -> None:
     framed = to_frame(Image.fromarray(prob.astype(np.float32), mode="F"), p)
     assert framed.dtype == np.float32
     if policy == "letterbox":
-        top, left, bottom, right = p.pad_box
+        top, _, bottom, _ = p.pad_box
         assert p.pad_box == (6, 0, 57, 64)  # scale 1.28 -> 51 x 64; top = (64-51)//2
         assert (framed[:top] == 0).all() and (framed[bottom:] == 0).all()
     back = from_frame(framed.astype(dtype), p, nearest=False)
@@ -216,3 +216,12 @@ def test_probability_round_trip_nearest_keeps_values() -> None:
     assert back.shape == (20, 30)
     top, left, bottom, right = p.pad_box
     assert set(np.unique(back)) <= set(np.unique(framed[top:bottom, left:right]))
+
+
+def test_from_frame_bool_mask() -> None:
+    mask = _blocky_mask(16, 32).astype(bool)
+    p = place((16, 32), (64, 64), "letterbox")
+    framed = to_frame(Image.fromarray(mask), p, nearest=True)
+    back = from_frame(framed, p)
+    assert back.dtype == bool
+    np.testing.assert_array_equal(back, mask)

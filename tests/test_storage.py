@@ -36,7 +36,7 @@ def test_overwrite_changes_fingerprint_and_hash(location):
 
 def test_missing_object_error_names_the_url(location):
     st = location.store("c")
-    with pytest.raises(StorageError, match="no object at .*c/nope"):
+    with pytest.raises(StorageError, match=r"no object at .*c/nope"):
         st.read_bytes("nope")
 
 

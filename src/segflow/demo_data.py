@@ -237,7 +237,7 @@ def _paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray)
     (the only place it shows), which keeps this the cheap part of a sample."""
     h, w = mask.shape
     edge = rng.uniform(0.6, 3.0) * min(h, w) / 192
-    pad = int(math.ceil(4 * edge)) + 1
+    pad = math.ceil(4 * edge) + 1
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     box = (
         slice(max(rows[0] - pad, 0), min(rows[-1] + pad + 1, h)),

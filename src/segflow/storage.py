@@ -168,7 +168,8 @@ class Store:
 
     def list(self, rel: str = "", pattern: str | None = None) -> list[FileInfo]:
         """All objects under ``rel`` (recursively), sorted, with paths relative to the store's
-        root (not to ``rel``); ``pattern`` is an fnmatch on that path. Temporary files of in-flight atomic writes are never listed."""
+        root (not to ``rel``); ``pattern`` is an fnmatch on that path. Temporary files of
+        in-flight atomic writes are never listed."""
         base = self.path(rel)
         if not self.fs.exists(base):
             return []

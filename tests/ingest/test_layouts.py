@@ -41,9 +41,9 @@ def test_isic_rows_match_their_files(location):
         img, mask = ds.image(i), ds.mask(i)
         # the background colour identifies the source file; the mask is its exact rectangle
         assert np.abs(img[2, 2].astype(int) - colour_of(k)).max() < 12
-        t, l, b, r = lesion_box(k, 48, 64)
+        t, left, b, r = lesion_box(k, 48, 64)
         expected = np.zeros((48, 64), np.uint8)
-        expected[t:b, l:r] = 1
+        expected[t:b, left:r] = 1
         np.testing.assert_array_equal(mask, expected)
     assert ds.column("orig_size").tolist() == [[48, 64]] * 6
     assert ds.column("has_mask").all()
@@ -111,8 +111,8 @@ def test_folder_layout_greyscale_with_name_template(local):
     ds = Dataset.open(local.url("ds"))
     assert sorted(ds.ids) == ["0", "1", "2", "3"]
     k = ds.ids.index("2")
-    t, l, b, r = lesion_box(2, 40, 40)
-    assert ds.mask(k)[t:b, l:r].all() and ds.mask(k).sum() == (b - t) * (r - l)
+    t, left, b, r = lesion_box(2, 40, 40)
+    assert ds.mask(k)[t:b, left:r].all() and ds.mask(k).sum() == (b - t) * (r - left)
 
 
 def test_folder_layout_same_folder_masks_are_not_images(local):
