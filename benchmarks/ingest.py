@@ -26,7 +26,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -243,19 +242,24 @@ def _verdict(label: str, ratio: float, target: float) -> str:
 
 
 # -- peak memory ----------------------------------------------------------------------------------
+# Peak RSS is the child's own VmHWM (/proc/self/status), read by the child itself. Not
+# ``ru_maxrss``: Linux carries the parent's high-water mark over fork + exec into the child's
+# ru_maxrss, so every child would report at least this (large) process's peak.
+def proc_status_mib(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since exec) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
+
+
 def run_child(images: Path, masks: Path, size: tuple[int, int]) -> dict:
-    """Ingest in a fresh subprocess; its peak RSS comes from ``wait4`` on that child alone."""
+    """Ingest in a fresh subprocess and return the JSON line it prints."""
     with tempfile.TemporaryDirectory(prefix="segflow-bench-memory-") as tmp:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_child"]
         cmd += [str(images), str(masks), str(Path(tmp) / "ds.zarr"), str(size[0]), str(size[1])]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-            out = proc.stdout.read() if proc.stdout else ""
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child failed ({proc.returncode}): {' '.join(cmd)}")
-    child = json.loads(out.strip().splitlines()[-1])
-    child["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
     child["images_per_s"] = round(child["n_images"] / child["seconds"], 2)
     return child
 
@@ -265,21 +269,19 @@ def child_main(images: str, masks: str, dataset: str, h: int, w: int) -> None:
     preload_segflow()
     from segflow.ingest import ingest
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = proc_status_mib("VmRSS")
     t0 = time.perf_counter()
     result = ingest(segflow_config(Path(images), Path(masks), Path(dataset), (h, w)))
     seconds = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "status": result.status,
-                "n_images": result.n_images,
-                "n_rejected": result.n_rejected,
-                "seconds": round(seconds, 3),
-                "rss_after_imports_mib": round(before, 1),
-            }
-        )
-    )
+    figures = {
+        "status": result.status,
+        "n_images": result.n_images,
+        "n_rejected": result.n_rejected,
+        "seconds": round(seconds, 3),
+        "rss_after_imports_mib": round(before, 1),
+        "peak_rss_mib": round(proc_status_mib("VmHWM"), 1),
+    }
+    print(json.dumps(figures))
 
 
 def memory_report(isic: Path) -> dict | None:

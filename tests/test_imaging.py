@@ -726,3 +726,64 @@ def test_jpeg_draft_greyscale() -> None:
     framed = image_to_frame(d, place(d.orig_size, (96, 128), "stretch"))
     ref = np.asarray(Image.open(io.BytesIO(data)).resize((128, 96), Image.Resampling.BILINEAR))
     assert mad(framed[..., 0], ref) < 6
+
+
+# -- scaling of other dtypes, and known bugs ---------------------------------------------------
+def test_int16_tiff_with_negatives_scaled_by_own_range() -> None:
+    a = np.tile(np.linspace(-1000, 1000, 32).astype(np.int16), (16, 1))
+    out = arr_of(decode_image(tiff(a), "ct.tif", BIG))
+    assert out[:, 0].tolist() == [0] * 16 and out[:, -1].tolist() == [255] * 16
+    assert (np.diff(out[0].astype(int)) >= 0).all()  # monotone
+
+
+def test_float_tiff_outside_unit_range_scaled_by_own_range() -> None:
+    f = np.tile(np.linspace(-3, 5, 32, dtype=np.float32), (16, 1))
+    out = arr_of(decode_image(tiff(f), "f.tif", BIG))
+    assert out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint32])
+def test_other_integer_tiff_scaled_by_own_range(dtype) -> None:
+    a = np.tile(np.linspace(0, 1000, 32).astype(dtype), (16, 1))
+    out = arr_of(decode_image(tiff(a), "ct.tif", BIG))
+    assert out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.parametrize("hi", [1.0, 2.0])
+def test_float_tiff_with_one_nan_is_not_blanked(hi) -> None:
+    f = np.tile(np.linspace(0, hi, 32, dtype=np.float32), (16, 1))
+    f[0, 0] = np.nan
+    try:
+        d = decode_image(tiff(f), "f.tif", BIG)
+    except Rejected as r:  # rejecting the file would be a fix too
+        assert r.reason in REASONS
+        return
+    out = arr_of(d)
+    assert (out[1:, -1] == 255).all() and (out[1:, 0] == 0).all()
+
+
+def test_uint16_soft_mask_thresholded() -> None:
+    m = np.zeros((16, 16), np.uint16)
+    m[:, 4:8] = 13107  # 0.2 of full range
+    m[:, 8:] = 58982  # 0.9 of full range
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
+    assert quirks == ["mask_thresholded"]
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"))
+    assert not out[:, :8].any() and out[:, 8:].all()
+
+
+def test_float_binary_mask_is_label_map() -> None:
+    m = box_mask(16, 16, (2, 2, 10, 10), fg=1).astype(np.float32)
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
+    assert quirks == [] and mask.labels is True
+    np.testing.assert_array_equal(np.asarray(mask.image), m.astype(np.uint8))
+
+
+def test_soft_float_mask_thresholded_like_uint8() -> None:
+    m = np.zeros((16, 16), np.float32)
+    m[:, 4:8] = 0.2
+    m[:, 8:] = 0.9
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"))
+    assert not out[:, :8].any() and out[:, 8:].all()
+    assert quirks == ["mask_thresholded"]

@@ -134,7 +134,12 @@ def _mask_from_array(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3:
         colour = arr.shape[-1] - 1 if arr.shape[-1] in (2, 4) else arr.shape[-1]  # drop alpha
         arr = arr[..., :colour].max(axis=-1)  # a mark in any channel counts
-    if arr.dtype != np.uint8:
+    if arr.dtype.kind == "f":  # soft masks: 0..1 probabilities, thresholded like 0..255
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0)
+        if not np.isin(arr, (0.0, 1.0)).all():
+            arr = np.round(np.clip(arr, 0, 1) * 255) if arr.max() <= 1 else arr
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
         arr = (arr != 0).astype(np.uint8) if arr.max() <= 1 else _to_uint8(arr)
     return Image.fromarray(np.ascontiguousarray(arr), mode="L")
 
@@ -241,15 +246,19 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.min() >= 0 and arr.max() < 65536):
+    if arr.dtype == np.uint16:
         return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
     a = arr.astype(np.float64)
-    if arr.dtype.kind == "f" and a.min() >= 0 and a.max() <= 1:
-        return np.round(a * 255).astype(np.uint8)
-    lo, hi = float(a.min()), float(a.max())
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(arr.shape, np.uint8)
+    a = np.where(finite, a, np.nan)  # NaN/inf pixels become 0; they must not poison min/max
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if arr.dtype.kind == "f" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
-    return np.round((a - lo) / (hi - lo) * 255).astype(np.uint8)
+    return np.nan_to_num(np.round((a - lo) / (hi - lo) * 255), nan=0.0).astype(np.uint8)
 
 
 def _read_tiff_array(data: bytes, name: str, max_pixels: int) -> np.ndarray:
