@@ -32,10 +32,11 @@ def decode(data: bytes) -> Image.Image:
 
 # -- files and formats ---------------------------------------------------------------------------
 def test_writes_isic_layout(location) -> None:
+    """Once into a local folder, once into S3 (moto), through the same Store."""
     result = generate_demo_data(location.url("demo"), n=8, size=(64, 80), storage=location.storage)
 
     assert isinstance(result, DemoDataResult)
-    assert (result.n, result.size) == (8, (64, 80))
+    assert (result.out, result.n, result.size) == (location.url("demo"), 8, (64, 80))
     expected = sorted(
         [f"ISIC_{i:07d}.jpg" for i in range(8)]
         + [f"ISIC_{i:07d}_segmentation.png" for i in range(8)]
@@ -125,21 +126,22 @@ def dark_thin_pixels(image: np.ndarray, mask: np.ndarray) -> int:
 
 
 def test_most_but_not_all_images_have_hair() -> None:
-    # Measured: 0..0 such pixels without hair, 28+ with hair (100 samples at this size).
+    # Measured over 100 samples at 64x64 and at 96x128: 0..1 such pixels without hair, 13+ with.
     has_hair = [dark_thin_pixels(image, mask) > 10 for image, mask in samples()]
     assert 0.6 <= np.mean(has_hair) < 1.0, has_hair
 
 
 # -- learnable, but not by a threshold ----------------------------------------------------------
 def best_dice(features: list[np.ndarray], masks: list[np.ndarray]) -> float:
-    """Dice of the best single threshold (either direction) on a feature over all pixels."""
+    """Dice of the best single threshold (either direction) on a feature over all pixels:
+    with the pixels sorted by feature, every cut point is a candidate threshold."""
     f = np.concatenate([x.ravel() for x in features])
     m = np.concatenate([x.ravel() for x in masks]) > 0
-    best = 0.0
-    for q in np.unique(np.quantile(f, np.linspace(0.005, 0.995, 200))):
-        for pred in (f < q, f > q):
-            best = max(best, 2 * (pred & m).sum() / (pred.sum() + m.sum()))
-    return best
+    hits_below = np.cumsum(m[np.argsort(f, kind="stable")])  # foreground among the k lowest
+    k = np.arange(1, f.size + 1)
+    below = 2 * hits_below / (k + m.sum())
+    above = 2 * (m.sum() - hits_below[:-1]) / (f.size - k[:-1] + m.sum())
+    return float(max(below.max(), above.max()))
 
 
 def border_contrast(image: np.ndarray) -> np.ndarray:
@@ -152,7 +154,7 @@ def border_contrast(image: np.ndarray) -> np.ndarray:
 def test_grey_threshold_fails_but_local_contrast_works() -> None:
     data = samples()
     images, masks = [i for i, _ in data], [m for _, m in data]
-    # Measured on seeds 0..5: best channel 0.68..0.79, colour contrast 0.67..0.80.
+    # Measured on seeds 0..7: best grey or channel 0.60..0.79, colour contrast 0.66..0.79.
     for channel in range(3):
         assert best_dice([i[..., channel].astype(float) for i in images], masks) < 0.88
     assert best_dice([i.astype(float).mean(-1) for i in images], masks) < 0.88

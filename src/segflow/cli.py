@@ -120,6 +120,63 @@ def ingest(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    dataset: Annotated[str | None, typer.Option(help="URL of the Zarr dataset")] = None,
+    models: Annotated[str | None, typer.Option(help="URL of the models location")] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="K of the K-fold split", show_default="5")
+    ] = None,
+    fold_ids: Annotated[str | None, typer.Option(help="train only these folds, e.g. 0,3")] = None,
+    arch: Annotated[str | None, typer.Option(help="smp architecture (Unet, FPN...)")] = None,
+    encoder: Annotated[str | None, typer.Option(help="smp encoder (resnet34...)")] = None,
+    encoder_weights: Annotated[
+        str | None,
+        typer.Option(help="state-dict file/URL, or a named source: efficientnet-lite0-imagenet"),
+    ] = None,
+    size: Annotated[tuple[int, int] | None, typer.Option(help="input H W")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs", show_default="30")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size", show_default="16")] = None,
+    loss: Annotated[str | None, typer.Option(help="dice|bce|bce_dice|focal|jaccard")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate", show_default="1e-3")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of split, init and augmentation")] = None,
+    executor: Annotated[str | None, typer.Option(help="ray | inline")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster (auto, ray://...)")] = None,
+    gpus_per_fold: Annotated[float | None, typer.Option(help="GPUs per fold (0 on CPU)")] = None,
+    cpus_per_fold: Annotated[int | None, typer.Option(help="CPU threads per fold")] = None,
+    endpoint_url: StorageOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a K-fold U-Net: one fold per Ray task, resumable, with out-of-fold predictions."""
+    from segflow.train import TrainConfig
+    from segflow.train import train as run_train
+
+    _setup_logging(as_json)
+    ids = [int(x) for x in fold_ids.split(",") if x.strip()] if fold_ids else None
+    cfg = TrainConfig.load(
+        config,
+        dataset=dataset, models=models, folds=folds, fold_ids=ids, arch=arch, encoder=encoder,
+        encoder_weights=encoder_weights, size=size, epochs=epochs, batch_size=batch_size,
+        loss=loss, lr=lr, seed=seed, executor=executor, ray_address=ray_address,
+        gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
+        storage=_storage(endpoint_url),
+    )  # fmt: skip
+    result = run_train(cfg)
+    lines = [f"models: {result.models} ({result.seconds:.0f}s)"]
+    for f in result.folds:
+        if f.status == "failed":
+            lines.append(f"  fold {f.fold}: FAILED {f.error}")
+        else:
+            lines.append(
+                f"  fold {f.fold}: {f.status}, best epoch {f.best_epoch}, val Dice {f.dice:.4f}, "
+                f"Jaccard {f.jaccard:.4f}, thresholded Jaccard {f.thresholded_jaccard:.4f}"
+            )
+    _emit(result.to_dict(), as_json, "\n".join(lines))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[str | None, typer.Option(help="URL to write the ISIC-layout archive to")] = None,

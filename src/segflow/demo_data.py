@@ -40,14 +40,14 @@ JPEG_QUALITY = 90
 _FRACTION_RANGE = (0.04, 0.6)
 _MAX_TRIES = 20
 
-# Reference colours, RGB in [0, 1].
-_SKIN_LIGHT = np.array([0.95, 0.80, 0.72])
-_SKIN_DARK = np.array([0.62, 0.43, 0.33])
-_LIGHT_BROWN = np.array([0.70, 0.50, 0.37])
-_BROWN = np.array([0.50, 0.32, 0.22])
-_DARK_BROWN = np.array([0.27, 0.16, 0.11])
-_BLUE_GREY = np.array([0.48, 0.50, 0.57])
-_HAIR = np.array([0.10, 0.07, 0.05])
+# Reference colours, RGB in [0, 1]; float32 like every image array here.
+_SKIN_LIGHT = np.array([0.95, 0.80, 0.72], np.float32)
+_SKIN_DARK = np.array([0.62, 0.43, 0.33], np.float32)
+_LIGHT_BROWN = np.array([0.70, 0.50, 0.37], np.float32)
+_BROWN = np.array([0.50, 0.32, 0.22], np.float32)
+_DARK_BROWN = np.array([0.27, 0.16, 0.11], np.float32)
+_BLUE_GREY = np.array([0.48, 0.50, 0.57], np.float32)
+_HAIR = np.array([0.10, 0.07, 0.05], np.float32)
 
 
 class DemoDataError(SegflowError, ValueError):
@@ -200,7 +200,11 @@ def _one_piece(inside: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(inside)
     if count > 1:
         inside = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    return ndimage.binary_fill_holes(inside)
+    # Holes are background parts that do not reach the border (binary_fill_holes does the
+    # same by dilating to convergence, which is far slower on a large lesion).
+    outside, _ = ndimage.label(~inside)
+    edge = np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
+    return ~np.isin(outside, edge[edge > 0])
 
 
 def _blob(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
@@ -224,12 +228,13 @@ def _blob(rng: np.random.Generator, dy: np.ndarray, dx: np.ndarray, radius: floa
 # -- appearance --------------------------------------------------------------------------------
 def _skin(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     tone = rng.uniform(0.0, 1.0) ** 1.5
-    base = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * tone + rng.normal(0, 0.015, 3)
+    base = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * np.float32(tone)
+    base += rng.normal(0, 0.015, 3).astype(np.float32)
     # Pinker patches (only ever redder: skin is not green) and fine skin texture.
     red = np.clip(_field(rng, h, w, rng.uniform(15, 40)), 0, None) * np.float32(0.04)
     texture = 1.0 + np.float32(0.02) * _field(rng, h, w, 2.0)
     tint = np.array([0.5, -0.6, -0.4], np.float32)
-    return (base.astype(np.float32) + red[..., None] * tint) * texture[..., None]
+    return (base + red[..., None] * tint) * texture[..., None]
 
 
 def _paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
@@ -252,7 +257,7 @@ def _paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray)
     alpha = ndimage.gaussian_filter(mask[box].astype(np.float32), edge) * opacity
     # Pigment absorbs light: the colours are for light skin, so they become transmittances
     # and a lesion stays darker than the skin around it whatever the skin tone.
-    transmittance = colour * (1.0 / _SKIN_LIGHT).astype(np.float32)
+    transmittance = colour / _SKIN_LIGHT
     skin = image[box]
     skin *= 1.0 - alpha[..., None] * (1.0 - transmittance)
 
@@ -268,16 +273,16 @@ def _lesion_colour(rng: np.random.Generator, shape: tuple[int, int], radius: flo
         depth < 0.5,
         _LIGHT_BROWN + (_BROWN - _LIGHT_BROWN) * (2 * depth),
         _BROWN + (_DARK_BROWN - _BROWN) * (2 * depth - 1),
-    ).astype(np.float32)
+    )
     colour *= (1.0 + rng.normal(0, 0.05, 3)).astype(np.float32)  # per-lesion hue shift
     if rng.random() < 0.5:
         veil = np.clip(1.5 * (_field(rng, h, w, scale) - rng.uniform(0.3, 1.2)), 0, 0.85)
-        colour += (_BLUE_GREY.astype(np.float32) - colour) * veil[..., None]
+        colour += (_BLUE_GREY - colour) * veil[..., None]
     fine = _field(rng, h, w, rng.uniform(1.5, 3.5))
     colour *= (1.0 + np.float32(0.07) * fine)[..., None]
     if rng.random() < 0.5:  # dots/globules where the fine field peaks
         dots = np.clip(2.0 * (fine - 2.0), 0, 0.8)
-        colour += (_DARK_BROWN.astype(np.float32) - colour) * dots[..., None]
+        colour += (_DARK_BROWN - colour) * dots[..., None]
     return colour
 
 
@@ -293,18 +298,18 @@ def _draw_hairs(rng: np.random.Generator, image: np.ndarray) -> None:
     # peaks at 1/(sqrt(2 pi) sigma), so rescale it to reach about its opacity.
     width = rng.uniform(0.45, 1.0) * max(min(h, w) / 192, 0.6)
     ink = np.clip(ndimage.gaussian_filter(lines, width) * np.float32(2.9 * width), 0, 0.95)
-    colour = (_HAIR * rng.uniform(0.6, 2.0)).astype(np.float32)
+    colour = _HAIR * np.float32(rng.uniform(0.6, 2.0))
     image += (colour - image) * ink[..., None]
 
 
 def _hair_line(rng: np.random.Generator, lines: np.ndarray, opacity: float) -> None:
-    """Draw a 1-pixel quadratic Bezier curve, which may start and end outside the image."""
+    """Draw a 1-pixel quadratic Bezier curve through the image; its ends may lie outside."""
     h, w = lines.shape
-    p0 = rng.uniform([-0.1 * h, -0.1 * w], [1.1 * h, 1.1 * w])
-    angle = rng.uniform(0, 2 * math.pi)
+    middle = rng.uniform([0.1 * h, 0.1 * w], [0.9 * h, 0.9 * w])
+    angle = rng.uniform(0, math.pi)
     direction = np.array([math.sin(angle), math.cos(angle)])
-    p2 = p0 + rng.uniform(0.3, 0.9) * math.hypot(h, w) * direction
-    length = float(np.linalg.norm(p2 - p0))
+    length = rng.uniform(0.3, 0.9) * math.hypot(h, w)
+    p0, p2 = middle - direction * length / 2, middle + direction * length / 2
     normal = np.array([direction[1], -direction[0]])
     p1 = (p0 + p2) / 2 + normal * rng.uniform(-0.25, 0.25) * length
     t = np.linspace(0.0, 1.0, int(2 * length) + 2)[:, None]  # ~2 samples per pixel: no gaps

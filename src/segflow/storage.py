@@ -188,8 +188,9 @@ class Store:
         return sorted(out, key=lambda f: f.rel)
 
     # -- writes ------------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> str:
-        """Atomically write ``data`` at ``rel`` and return its URI."""
+    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> str:
+        """Atomically write ``data`` at ``rel`` and return its URI. ``durable=False`` skips the
+        fsync: still atomic against a killed process, not against a power cut."""
         target = self.path(rel)
         if self.is_local:
             folder = os.path.dirname(target)
@@ -198,8 +199,9 @@ class Store:
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
@@ -208,8 +210,9 @@ class Store:
             self.fs.pipe_file(target, data)  # one PUT: atomic by S3's semantics
         return self.uri(rel)
 
-    def write_json(self, rel: str, obj: Any) -> str:
-        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+    def write_json(self, rel: str, obj: Any, durable: bool = True) -> str:
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        return self.write_bytes(rel, data, durable)
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)

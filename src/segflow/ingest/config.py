@@ -36,7 +36,9 @@ class IngestConfig(StageConfig):
     # runtime
     workers: int | None = Field(None, ge=1, description="local Dask workers (default: cores)")
     dask_address: str | None = Field(None, description="Dask scheduler address")
-    batch_size: int = Field(8, ge=1, le=1024, description="images per Dask task")
+    batch_size: int | None = Field(
+        None, ge=1, le=1024, description="images per Dask task (default: ~4 tasks per worker)"
+    )
     strict: bool = Field(False, description="exit non-zero when anything was rejected")
 
     runtime_fields = frozenset({"storage", "workers", "dask_address", "strict", "batch_size"})

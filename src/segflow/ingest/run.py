@@ -163,7 +163,10 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
         return
     import dask
 
-    batches = _pack(todo, cfg.batch_size)
+    workers = cfg.workers or _cores()
+    # ~4 tasks per worker: enough to balance mixed image sizes, few enough to amortise overhead
+    size = cfg.batch_size or max(1, min(32, -(-len(todo) // (4 * workers))))
+    batches = _pack(todo, size)
     tasks = [dask.delayed(process_batch, pure=False)(b, ctx) for b in batches]
     if cfg.dask_address:
         from distributed import Client
@@ -171,7 +174,7 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
         with Client(cfg.dask_address) as client:
             client.compute(tasks, sync=True)
     else:
-        dask.compute(*tasks, scheduler="threads", num_workers=cfg.workers or _cores())
+        dask.compute(*tasks, scheduler="threads", num_workers=workers)
 
 
 def _pack(slots: list[Slot], size: int) -> list[list[Slot]]:

@@ -1,0 +1,102 @@
+"""Configuration of the training stage."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from segflow.config import StageConfig
+
+Loss = Literal["dice", "bce", "bce_dice", "focal", "jaccard"]
+LOSSES: tuple[str, ...] = ("dice", "bce", "bce_dice", "focal", "jaccard")
+
+
+class TrainConfig(StageConfig):
+    """Everything ``segflow train`` takes."""
+
+    dataset: str = Field(description="URL of the Zarr dataset (segflow ingest)")
+    models: str = Field(description="URL of the models location (splits, folds, checkpoints)")
+    folds: int = Field(5, ge=2, le=20)
+    fold_ids: list[int] | None = Field(None, description="train only these folds (default: all)")
+    seed: int = 42
+    # model
+    arch: str = Field("Unet", validate_default=True)
+    encoder: str = "resnet34"
+    encoder_weights: str | None = Field(None, description="file, URL or named source")
+    encoder_depth: int = Field(5, ge=3, le=5)
+    decoder_channels: list[int] | None = None
+    size: tuple[int, int] | None = Field(None, description="input H W (default: the dataset's)")
+    # optimisation
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    loss: Loss = "bce_dice"
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["plateau", "cosine"] = "plateau"
+    plateau_patience: int = Field(3, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(1e-7, ge=0)
+    early_stopping: int | None = Field(10, ge=1, description="patience in epochs; null: off")
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    augment: dict[str, Any] = Field(default_factory=dict, description="AugmentConfig fields")
+    monitor: Literal["dice", "jaccard", "thresholded_jaccard", "loss"] = "dice"
+    threshold: float = Field(0.5, gt=0, lt=1)
+    # runtime
+    executor: Literal["ray", "inline"] = Field("ray", description="inline: folds in-process")
+    ray_address: str | None = None
+    gpus_per_fold: float | None = Field(None, ge=0, description="default: 1 with GPUs, else 0")
+    cpus_per_fold: int | None = Field(None, ge=1)
+    max_retries: int = Field(1, ge=0)
+    prefetch: int = Field(4, ge=1, description="batches read ahead")
+    cache_mb: int = Field(2048, ge=0, description="hold a fold's data in RAM below this")
+
+    runtime_fields = frozenset(
+        {
+            "storage",
+            "fold_ids",
+            "executor",
+            "ray_address",
+            "gpus_per_fold",
+            "cpus_per_fold",
+            "max_retries",
+            "prefetch",
+            "cache_mb",
+        }
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_ok(cls, v: str) -> str:
+        from segmentation_models_pytorch import _MODEL_ARCHITECTURES
+
+        names = {a.__name__.lower(): a.__name__ for a in _MODEL_ARCHITECTURES}
+        if v.lower() not in names:
+            raise ValueError(f"unknown arch {v!r}; allowed: {sorted(names.values())}")
+        return names[v.lower()]
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_ok(cls, v: str) -> str:
+        from segmentation_models_pytorch.encoders import get_encoder_names
+
+        names = get_encoder_names()
+        if v not in names and not v.startswith("tu-"):
+            close = [n for n in names if v.split("-")[0].split("_")[0] in n][:8]
+            raise ValueError(f"unknown encoder {v!r}; e.g. {close or names[:8]} (see smp docs)")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _augment_ok(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from dataclasses import fields
+
+        from segflow.train.augment import AugmentConfig
+
+        allowed = {f.name for f in fields(AugmentConfig)}
+        unknown = set(v) - allowed
+        if unknown:
+            raise ValueError(f"unknown augment keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return v

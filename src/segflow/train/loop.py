@@ -1,0 +1,390 @@
+"""One fold's training: ``fit_fold`` reads as an outline of train_step, validation_step and
+on_epoch_end. Everything a resumed run needs is in ``last.pt``; everything a predictor needs
+is ``config.json`` + ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segflow.ingest.dataset import Dataset
+from segflow.metrics import per_image_scores
+from segflow.storage import Store
+from segflow.train.augment import AugmentConfig, augment_batch
+from segflow.train.config import TrainConfig
+from segflow.train.data import FoldData
+from segflow.train.losses import make_loss
+from segflow.train.model import (
+    ModelSpec,
+    build_model,
+    load_checkpoint,
+    save_spec,
+    save_weights,
+)
+from segflow.train.splits import fold_indices, load_or_create_splits
+
+log = logging.getLogger("segflow.train")
+METRICS_COLUMNS = (
+    "epoch", "lr", "train_loss", "val_loss", "val_dice", "val_jaccard",
+    "val_thresholded_jaccard", "images_per_s", "seconds",
+)  # fmt: skip
+DONE = "fold"  # marker name: fold-k/fold.complete.json
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    status: str  # done | skipped | failed
+    best_epoch: int | None = None
+    dice: float | None = None
+    jaccard: float | None = None
+    thresholded_jaccard: float | None = None
+    checkpoint: str | None = None
+    start_epoch: int = 0
+    epochs_run: int = 0
+    error: str | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The mutable state of one fold's training, bundled so the loop reads as an outline."""
+
+    cfg: TrainConfig
+    fold: int
+    out: Store
+    spec: ModelSpec
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    augment: AugmentConfig
+    epoch: int = 0  # epochs completed
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
+    started = time.time()
+    out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
+    if (done := out.read_marker(DONE)) is not None:
+        return FoldResult(**{**done, "status": "skipped", "extra": {}})
+    dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    train_data, val_data = _fold_data(cfg, dataset, fold)
+    ensure_oof_array(Store(cfg.models, cfg.storage), dataset)
+    run = _setup(cfg, fold, out, dataset)
+    start = run.epoch
+    log.info("fold %d: epochs %d..%d on %s", fold, start + 1, cfg.epochs, run.device)
+
+    for epoch in range(start, cfg.epochs):
+        train_loss, ips = train_epoch(run, train_data, epoch)
+        val = validate(run, val_data)
+        if on_epoch_end(run, epoch, train_loss, val, ips):
+            break  # early stopping
+
+    write_oof(run, val_data, dataset)
+    result = FoldResult(
+        fold=fold, status="done", best_epoch=run.best_epoch, checkpoint=out.uri("best.pt"),
+        start_epoch=start, epochs_run=run.epoch - start, started_at=started,
+        finished_at=time.time(), **{k: run.best_metrics.get(k) for k in
+                                    ("dice", "jaccard", "thresholded_jaccard")},
+    )  # fmt: skip
+    out.mark_complete(DONE, {k: v for k, v in asdict(result).items() if k != "extra"})
+    return result
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def _fold_data(cfg: TrainConfig, dataset: Dataset, fold: int) -> tuple[FoldData, FoldData]:
+    ids = dataset.ids
+    groups = [str(g) for g in dataset.column("groups")]
+    splits = load_or_create_splits(Store(cfg.models, cfg.storage), ids, groups, cfg.folds, cfg.seed)
+    train_rows, val_rows = fold_indices(splits, fold, ids)
+    labelled = dataset.column("has_mask")
+    # rows without a mask (an unlabeled part of the archive) can't teach anything
+    train_rows = [i for i in train_rows if labelled[i]]
+    val_rows = [i for i in val_rows if labelled[i]]
+    store = Store(cfg.dataset, cfg.storage)
+    return (
+        FoldData(store, train_rows, cfg.cache_mb, cfg.prefetch),
+        FoldData(store, val_rows, cfg.cache_mb, cfg.prefetch),
+    )
+
+
+def _setup(cfg: TrainConfig, fold: int, out: Store, dataset: Dataset) -> Run:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(_seed(cfg.seed, fold))  # same seed and fold: same initial weights
+    spec = ModelSpec(
+        arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth,
+        decoder_channels=cfg.decoder_channels, input_size=cfg.size or dataset.size,
+        dataset_size=dataset.size, resize=dataset.resize, threshold=cfg.threshold,
+        encoder_weights=cfg.encoder_weights,
+    )  # fmt: skip
+    model = build_model(spec)
+    if cfg.encoder_weights:
+        from segflow.train.weights import load_encoder_weights
+
+        load_encoder_weights(model, cfg.encoder, cfg.encoder_weights, cfg.storage)
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    run = Run(
+        cfg, fold, out, spec, model, optimizer, _scheduler(cfg, optimizer),
+        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        make_loss(cfg.loss).to(device), device, amp_dtype, AugmentConfig(**cfg.augment),
+    )  # fmt: skip
+    save_spec(out, spec)
+    _resume(run)
+    return run
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, cfg.min_lr)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min" if cfg.monitor == "loss" else "max",
+        factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience,
+        min_lr=cfg.min_lr,
+    )
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "off":
+        return None  # CPU autocast is slower than fp32 for convolutions on most CPUs
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _resume(run: Run) -> None:
+    """Continue from ``last.pt``: the next epoch is the first one not completed."""
+    if not run.out.exists("last.pt"):
+        return
+    state = load_checkpoint(run.out, "last.pt", run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    run.epoch, run.bad_epochs = state["epoch"], state["bad_epochs"]
+    run.best_score, run.best_epoch = state["best_score"], state["best_epoch"]
+    run.best_metrics = state["best_metrics"]
+    log.info("fold %d: resuming after epoch %d", run.fold, run.epoch)
+
+
+# -- the three steps ------------------------------------------------------------------------------
+def train_epoch(run: Run, data: FoldData, epoch: int) -> tuple[float, float]:
+    run.model.train()
+    # per-epoch seeds: a resumed epoch sees the same order and augmentations as an unbroken run
+    gen = torch.Generator().manual_seed(_seed(run.cfg.seed, run.fold, epoch, 1))
+    losses, seen, t0 = [], 0, time.perf_counter()
+    for images, masks, _ in data.batches(run.cfg.batch_size, _seed(run.cfg.seed, run.fold, epoch)):
+        losses.append(train_step(run, images, masks, gen))
+        seen += len(images)
+    return float(np.mean(losses)) if losses else math.nan, seen / (time.perf_counter() - t0)
+
+
+def train_step(run: Run, images: np.ndarray, masks: np.ndarray, gen: torch.Generator) -> float:
+    x, y = to_device(run, images, masks)
+    x, y = augment_batch(x, y, run.augment, gen)
+    x = normalise(run, x)
+    with torch.autocast(run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None):
+        loss = run.loss_fn(run.model(x), y)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(run: Run, data: FoldData) -> dict[str, float]:
+    run.model.eval()
+    losses, scores = [], {"dice": [], "jaccard": [], "thresholded_jaccard": []}
+    for images, masks, _ in data.batches(run.cfg.batch_size):
+        loss, s = validation_step(run, images, masks)
+        losses.append(loss * len(images))
+        for k in scores:
+            scores[k].append(s[k])
+    out = {k: float(torch.cat(v).mean()) if v else math.nan for k, v in scores.items()}
+    out["loss"] = float(np.sum(losses) / max(len(data), 1))
+    return out
+
+
+def validation_step(run: Run, images: np.ndarray, masks: np.ndarray):
+    x, y = to_device(run, images, masks)
+    with torch.autocast(run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None):
+        logits = run.model(normalise(run, x)).float()
+    pred = torch.sigmoid(logits) > run.spec.threshold
+    return float(run.loss_fn(logits, y)), per_image_scores(pred[:, 0], y[:, 0] > 0.5)
+
+
+def on_epoch_end(run: Run, epoch: int, train_loss: float, val: dict[str, float], ips: float):
+    """Bookkeeping after each epoch; returns True when early stopping says stop."""
+    score = -val["loss"] if run.cfg.monitor == "loss" else val[run.cfg.monitor]
+    improved = run.best_score is None or score > run.best_score
+    if improved:
+        run.best_score, run.best_epoch, run.bad_epochs = score, epoch + 1, 0
+        run.best_metrics = {k: val[k] for k in ("dice", "jaccard", "thresholded_jaccard")}
+        save_weights(run.out, "best.pt", {"model": run.model.state_dict(), "epoch": epoch + 1})
+    else:
+        run.bad_epochs += 1
+    lr = run.optimizer.param_groups[0]["lr"]
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(score if run.cfg.monitor != "loss" else val["loss"])
+    else:
+        run.scheduler.step()
+    run.epoch = epoch + 1
+    _append_metrics(run, epoch + 1, lr, train_loss, val, ips)
+    save_weights(run.out, "last.pt", _full_state(run))  # after metrics: a row implies state
+    _plot(run)
+    log.info(
+        "fold %d epoch %d: train %.4f val %.4f dice %.4f (%.1f img/s)",
+        run.fold, epoch + 1, train_loss, val["loss"], val["dice"], ips,
+    )  # fmt: skip
+    patience = run.cfg.early_stopping
+    return patience is not None and run.bad_epochs >= patience
+
+
+# -- helpers -----------------------------------------------------------------------------
+def to_device(run: Run, images: np.ndarray, masks: np.ndarray):
+    x = torch.from_numpy(images).to(run.device, non_blocking=True)
+    y = torch.from_numpy(masks).to(run.device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    y = y[:, None].float()
+    h, w = run.spec.input_size
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        y = F.interpolate(y, size=(h, w), mode="nearest")
+    if run.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def normalise(run: Run, x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(run.spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(run.spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _full_state(run: Run) -> dict[str, Any]:
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": run.epoch,
+        "bad_epochs": run.bad_epochs,
+        "best_score": run.best_score,
+        "best_epoch": run.best_epoch,
+        "best_metrics": run.best_metrics,
+    }
+
+
+def _append_metrics(run: Run, epoch: int, lr, train_loss, val, ips) -> None:
+    """Rewrite metrics.csv with the rows of earlier epochs plus this one: a resumed run that
+    repeats an epoch never leaves two rows for it."""
+    rows = []
+    if run.out.exists("metrics.csv"):
+        text = run.out.read_bytes("metrics.csv").decode()
+        rows = [r for r in csv.DictReader(io.StringIO(text)) if int(r["epoch"]) < epoch]
+    rows.append(
+        {
+            "epoch": epoch, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
+            "val_loss": f"{val['loss']:.5f}", "val_dice": f"{val['dice']:.5f}",
+            "val_jaccard": f"{val['jaccard']:.5f}",
+            "val_thresholded_jaccard": f"{val['thresholded_jaccard']:.5f}",
+            "images_per_s": f"{ips:.2f}", "seconds": f"{time.time():.0f}",
+        }
+    )  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    run.out.write_bytes("metrics.csv", buf.getvalue().encode())
+
+
+def _plot(run: Run) -> None:
+    from segflow.train.plots import plot_curves
+
+    try:
+        run.out.write_bytes("curves.png", plot_curves(run.out.read_bytes("metrics.csv")))
+    except Exception as e:  # a plot must never cost a training run
+        log.warning("fold %d: could not plot training curves: %s", run.fold, e)
+
+
+@torch.no_grad()
+def write_oof(run: Run, data: FoldData, dataset: Dataset) -> None:
+    """The best model's validation probabilities, at the dataset frame size, into
+    ``models/oof.zarr``; each fold writes only its own rows (one writer per chunk)."""
+    import zarr
+
+    state = load_checkpoint(run.out, "best.pt", run.device)
+    run.model.load_state_dict(state["model"])
+    run.model.eval()
+    probs = zarr.open_array(
+        Store(run.cfg.models, run.cfg.storage).zarr_store(), path="oof.zarr/probs", mode="r+"
+    )
+    for images, masks, rows in data.batches(run.cfg.batch_size):
+        x, _ = to_device(run, images, masks)
+        with torch.autocast(
+            run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None
+        ):
+            p = torch.sigmoid(run.model(normalise(run, x)).float())
+        if p.shape[-2:] != tuple(dataset.size):
+            p = F.interpolate(p, size=tuple(dataset.size), mode="bilinear", align_corners=False)
+        out = (p[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
+        for row, prob in zip(rows.tolist(), out, strict=True):
+            probs[row] = prob
+    run.out.write_json("oof.json", {"rows": [int(r) for r in data.rows], "scale": 1 / 255})
+
+
+def ensure_oof_array(models: Store, dataset: Dataset) -> None:
+    """``models/oof.zarr/probs``: (N, H, W) uint8 probabilities x255, one chunk per image."""
+    import zarr
+
+    group = zarr.open_group(models.zarr_store(), mode="a")
+    if "oof.zarr/probs" in group:
+        return
+    h, w = dataset.size
+    arr = group.create_array(
+        "oof.zarr/probs", shape=(dataset.n, h, w), chunks=(1, h, w), dtype="uint8", fill_value=0
+    )
+    arr.attrs.update({"scale": 1 / 255, "dataset": dataset.store.url})
+
+
+def set_threads(cpus: int | None) -> None:
+    """Concurrent folds on one CPU machine must share its cores, not each take all of them."""
+    n = cpus or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))

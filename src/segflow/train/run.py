@@ -1,0 +1,121 @@
+"""``train()``: write the split once, then train the folds concurrently on Ray (one fold per
+task, ``num_gpus=gpus_per_fold``), or in-process with ``executor="inline"``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from segflow.errors import ConfigError
+from segflow.ingest.dataset import Dataset
+from segflow.storage import Store
+from segflow.train.config import TrainConfig
+from segflow.train.loop import FoldResult, ensure_oof_array, fit_fold, set_threads
+from segflow.train.splits import SPLITS, load_or_create_splits
+
+log = logging.getLogger("segflow.train")
+
+
+@dataclass
+class TrainResult:
+    models: str
+    splits: str
+    folds: list[FoldResult]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.status != "failed" for f in self.folds)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    t0 = time.perf_counter()
+    models = Store(cfg.models, cfg.storage)
+    dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    if "masks" not in dataset.group or not dataset.column("has_mask").any():
+        raise ConfigError(f"dataset {cfg.dataset} has no masks; training needs labelled images")
+    fold_ids = _fold_ids(cfg)
+    # The driver writes the shared artifacts once, before any fold starts: no fold races another.
+    groups = [str(g) for g in dataset.column("groups")]
+    load_or_create_splits(models, dataset.ids, groups, cfg.folds, cfg.seed)
+    ensure_oof_array(models, dataset)
+    models.write_json("train_config.json", cfg.public_dict())
+    if cfg.executor == "inline":
+        results = [_guarded(cfg, f) for f in fold_ids]
+    else:
+        results = _on_ray(cfg, fold_ids)
+    result = TrainResult(
+        models.url, models.uri(SPLITS), results, round(time.perf_counter() - t0, 2)
+    )
+    models.write_json("train_summary.json", result.to_dict())
+    return result
+
+
+def _fold_ids(cfg: TrainConfig) -> list[int]:
+    ids = cfg.fold_ids if cfg.fold_ids is not None else list(range(cfg.folds))
+    bad = [f for f in ids if not 0 <= f < cfg.folds]
+    if bad or not ids:
+        raise ConfigError(
+            f"fold ids {ids} invalid for {cfg.folds} folds; allowed 0..{cfg.folds - 1}"
+        )
+    return sorted(set(ids))
+
+
+def _guarded(cfg: TrainConfig, fold: int) -> FoldResult:
+    """One fold, with its failure turned into a result: one bad fold never kills the others."""
+    try:
+        return fit_fold(cfg, fold)
+    except Exception as e:
+        log.exception("fold %d failed", fold)
+        return FoldResult(fold, "failed", error=f"{type(e).__name__}: {e}")
+
+
+def _remote_fold(cfg: TrainConfig, fold: int, cpus: int) -> FoldResult:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_threads(cpus)
+    return fit_fold(cfg, fold)
+
+
+def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address,
+            num_cpus=None if cfg.ray_address else _cores(),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    resources = ray.cluster_resources()
+    gpus = cfg.gpus_per_fold
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    cpus = cfg.cpus_per_fold or max(1, int(resources.get("CPU", 1)) // len(fold_ids))
+    task = ray.remote(_remote_fold)
+    opts = {"num_gpus": gpus, "num_cpus": cpus, "max_retries": cfg.max_retries}
+    log.info("training folds %s on Ray: %s GPU and %s CPU per fold", fold_ids, gpus, cpus)
+    refs = {
+        f: task.options(name=f"train-fold-{f}", retry_exceptions=True, **opts).remote(cfg, f, cpus)
+        for f in fold_ids
+    }
+    results = []
+    for fold, ref in refs.items():
+        try:
+            results.append(ray.get(ref))
+        except Exception as e:  # the task failed after its retries: report, don't raise
+            cause = e.cause if hasattr(e, "cause") and e.cause else e
+            detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
+            results.append(FoldResult(fold, "failed", error=detail[-2000:]))
+    return results
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,179 @@
+"""Training: learning happens, exact resume after SIGKILL, folds on Ray, storage on S3."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from segflow.errors import InputError
+from segflow.storage import Store
+from segflow.train import fit_fold, load_model, train
+from segflow.train.model import build_model, load_checkpoint, load_spec
+from tests.train.conftest import make_dataset, small_config
+
+
+def _metrics(store: Store) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(store.read_bytes("metrics.csv").decode())))
+
+
+def test_model_learns_and_writes_every_artifact(tiny_dataset, local):
+    cfg = small_config(tiny_dataset, local.url("models"), epochs=6, batch_size=4)
+    res = fit_fold(cfg, 0)
+    assert res.status == "done" and res.epochs_run == 6
+    fold = local.store("models/fold-0")
+    rows = _metrics(fold)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    # an all-empty prediction scores Dice 0 on these images (every one has a lesion); an
+    # untrained net sits near 0.3 (the lesion's share of the image)
+    assert res.dice is not None and res.dice > 0.6, res
+    assert res.dice > float(rows[0]["val_dice"]) + 0.2
+    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
+    for name in ("config.json", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof.json"):
+        assert fold.exists(name), name
+    assert fold.read_bytes("curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    # out-of-fold probabilities: written for this fold's validation rows only
+    oof = zarr.open_array(local.store("models").zarr_store(), path="oof.zarr/probs", mode="r")
+    val_rows = fold.read_json("oof.json")["rows"]
+    assert len(val_rows) == 12
+    others = sorted(set(range(24)) - set(val_rows))
+    assert all(oof[r].max() > 0 for r in val_rows) and all(oof[r].max() == 0 for r in others)
+    # a completed fold is skipped on rerun
+    again = fit_fold(cfg, 0)
+    assert again.status == "skipped" and again.best_epoch == res.best_epoch
+
+
+def test_config_json_alone_rebuilds_an_identical_model(tiny_dataset, local):
+    fit_fold(small_config(tiny_dataset, local.url("models"), epochs=1), 1)
+    fold = local.store("models/fold-1")
+    spec = load_spec(fold)
+    assert (spec.arch, spec.encoder, spec.input_size, spec.resize) == (
+        "Unet", "resnet18", (32, 32), "stretch",
+    )  # fmt: skip
+    saved = load_checkpoint(fold, "best.pt")["model"]
+    rebuilt = build_model(spec).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in saved.items()}
+    x = torch.rand(2, 3, 32, 32)
+    a, b = load_model(fold), load_model(fold)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    model = build_model(spec)
+    model.load_state_dict(saved)  # strict: every key and shape matches
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), a(x))
+
+
+def test_checkpoints_are_loaded_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    store = Store(str(tmp_path))
+    buf = io.BytesIO()
+    torch.save({"model": Evil()}, buf)
+    store.write_bytes("last.pt", buf.getvalue())
+    with pytest.raises(InputError, match="weights_only=True"):
+        load_checkpoint(store, "last.pt")
+
+
+def test_sigkill_after_epoch_one_resumes_at_epoch_two(local, tmp_path):
+    dataset = make_dataset(local.base, local.storage, n=48, size=64)
+    models = tmp_path / "models"
+    args = [
+        sys.executable, "-m", "segflow.cli", "train", "--dataset", dataset, "--models",
+        str(models), "--folds", "2", "--fold-ids", "0", "--epochs", "3", "--executor", "inline",
+        "--encoder", "resnet18", "--batch-size", "8",
+    ]  # fmt: skip
+    fold = models / "fold-0"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (fold / "last.pt").exists() and (fold / "metrics.csv").exists():
+            break
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(str(fold))
+    assert [r["epoch"] for r in _metrics(store)] == ["1"], "kill landed outside epoch 2"
+    assert load_checkpoint(store, "last.pt")["epoch"] == 1
+
+    cfg = small_config(dataset, str(models), epochs=3, encoder_depth=5, decoder_channels=None,
+                       fold_ids=[0], lr=1e-3)  # fmt: skip
+    res = fit_fold(cfg, 0)
+    assert (res.start_epoch, res.epochs_run) == (1, 2)  # epochs 2 and 3, not from zero
+    assert [int(r["epoch"]) for r in _metrics(store)] == [1, 2, 3]  # one row per epoch
+
+
+def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local):
+    """Per-epoch seeds + saved optimiser/scheduler/RNG state: stopping after epoch 1 and
+    resuming gives the same weights as never stopping (seeded CPU run)."""
+    unbroken = small_config(tiny_dataset, local.url("a"), epochs=2)
+    fit_fold(unbroken, 0)
+    first = small_config(tiny_dataset, local.url("b"), epochs=1)
+    fit_fold(first, 0)
+    fold_b = local.store("b/fold-0")
+    fold_b.clear_marker("fold")  # as if killed right after epoch 1
+    fit_fold(small_config(tiny_dataset, local.url("b"), epochs=2), 0)
+    a = load_checkpoint(local.store("a/fold-0"), "last.pt")["model"]
+    b = load_checkpoint(fold_b, "last.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_two_folds_run_concurrently_on_local_ray(tiny_dataset, local, local_ray):
+    cfg = small_config(tiny_dataset, local.url("models"), executor="ray", epochs=1)
+    res = train(cfg)
+    assert [f.status for f in res.folds] == ["done", "done"], [f.error for f in res.folds]
+    (a, b) = res.folds
+    assert max(a.started_at, b.started_at) < min(a.finished_at, b.finished_at)  # overlapped
+    summary = json.loads(Path(local.url("models/train_summary.json")).read_text())
+    assert [f["fold"] for f in summary["folds"]] == [0, 1]
+
+
+def test_failed_fold_is_reported_and_others_finish(tiny_dataset, local):
+    models = local.store("models")
+    cfg = small_config(tiny_dataset, models.url, epochs=1)
+    train(cfg.model_copy(update={"fold_ids": [0]}))
+    models.write_bytes("fold-1/last.pt", b"not a checkpoint")  # fold 1 will fail to resume
+    res = train(cfg)
+    status = {f.fold: f.status for f in res.folds}
+    assert status == {0: "skipped", 1: "failed"}
+    assert "weights_only" in res.folds[1].error and not res.ok
+
+
+@pytest.mark.s3
+def test_training_on_s3(s3_endpoint):
+    from segflow.storage import StorageOptions
+    from tests.conftest import make_bucket
+
+    storage = StorageOptions(endpoint_url=s3_endpoint)
+    base = f"s3://{make_bucket(s3_endpoint)}"
+    dataset = make_dataset(base, storage, n=16)
+    res = fit_fold(small_config(dataset, f"{base}/models", storage, epochs=1), 0)
+    assert res.status == "done" and res.checkpoint == f"{base}/models/fold-0/best.pt"
+    fold = Store(f"{base}/models/fold-0", storage)
+    assert {f.rel for f in fold.list()} >= {
+        "config.json", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof.json",
+        "fold.complete.json",
+    }  # fmt: skip
+    assert np.isfinite(float(_metrics(fold)[0]["val_dice"]))
