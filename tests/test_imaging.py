@@ -465,20 +465,24 @@ def test_mask_0_255_png_to_binary() -> None:
     m = box_mask(32, 48, (4, 6, 20, 30))
     mask, quirks = decode_mask(png(m), "m.png", BIG)
     assert quirks == []
-    assert mask.labels is False
     assert mask.image.mode == "L" and mask.size == (48, 32)
-    out = mask_to_frame(mask, place((32, 48), (32, 48), "stretch"))
+    np.testing.assert_array_equal(np.asarray(mask.image), m)
+    out = mask_to_frame(mask, place((32, 48), (32, 48), "stretch"), quirks)
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, m // 255)
+    assert quirks == []  # clean 0/255: not thresholded
 
 
 def test_mask_label_map_kept() -> None:
     m = box_mask(32, 48, (4, 6, 20, 30), fg=1)
     mask, quirks = decode_mask(png(m), "m.png", BIG)
-    assert quirks == [] and mask.labels is True
-    np.testing.assert_array_equal(mask_to_frame(mask, place((32, 48), (32, 48), "stretch")), m)
-    up = mask_to_frame(mask, place((32, 48), (64, 96), "stretch"))
+    assert quirks == []
+    np.testing.assert_array_equal(np.asarray(mask.image), m)  # values kept, not scaled
+    same = mask_to_frame(mask, place((32, 48), (32, 48), "stretch"), quirks)
+    np.testing.assert_array_equal(same, m)  # 1 stays foreground, not thresholded away
+    up = mask_to_frame(mask, place((32, 48), (64, 96), "stretch"), quirks)
     np.testing.assert_array_equal(up, m.repeat(2, 0).repeat(2, 1))
+    assert quirks == []
 
 
 def test_empty_mask_is_all_background() -> None:
@@ -491,20 +495,22 @@ def test_anti_aliased_mask_thresholded_at_128() -> None:
     m = np.zeros((32, 32), np.uint8)
     m[:, :8] = [0, 100, 127, 128, 129, 200, 255, 1]
     mask, quirks = decode_mask(png(m), "m.png", BIG)
-    assert quirks == ["mask_thresholded"]
-    assert mask.labels is False
-    out = mask_to_frame(mask, place((32, 32), (32, 32), "stretch"))
+    assert quirks == []
+    np.testing.assert_array_equal(np.asarray(mask.image), m)
+    out = mask_to_frame(mask, place((32, 32), (32, 32), "stretch"), quirks)
     assert out[0, :8].tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
     assert set(np.unique(out)) == {0, 1}
+    assert quirks == ["mask_thresholded"]
 
 
 def test_anti_aliased_jpeg_mask_thresholded() -> None:
     m = box_mask(32, 48, (5, 7, 21, 37))  # edges inside 8x8 blocks: JPEG rings there
     mask, quirks = decode_mask(jpeg(m, quality=60), "m.jpg", BIG)
-    assert quirks == ["mask_thresholded"]
-    out = mask_to_frame(mask, place((32, 48), (32, 48), "stretch"))
+    assert quirks == []
+    out = mask_to_frame(mask, place((32, 48), (32, 48), "stretch"), quirks)
     assert set(np.unique(out)) == {0, 1}
     assert (out == m // 255).mean() > 0.98
+    assert quirks == ["mask_thresholded"]
 
 
 def test_mask_of_other_size_resized_nearest() -> None:
@@ -523,10 +529,16 @@ def test_mask_of_other_size_resized_nearest() -> None:
 
 def test_label_mask_of_odd_size_stays_binary() -> None:
     d = decode_image(png(noise(32, 48, 3)), "i.png", BIG)
-    mask, _ = decode_mask(png(box_mask(13, 29, (2, 3, 10, 15), fg=1)), "m.png", BIG)
-    aligned, quirks = align_mask(mask, d, "m.png")
-    assert quirks == ["mask_resized"] and aligned.labels is True
-    assert set(np.unique(np.asarray(aligned.image))) == {0, 1}
+    small = box_mask(13, 29, (2, 3, 10, 15), fg=1)
+    mask, quirks = decode_mask(png(small), "m.png", BIG)
+    aligned, align_quirks = align_mask(mask, d, "m.png")
+    assert align_quirks == ["mask_resized"]
+    assert aligned.size == (48, 32)
+    assert set(np.unique(np.asarray(aligned.image))) == {0, 1}  # nearest: still labels
+    for p in (place(d.orig_size, (32, 48), "stretch"), place(d.orig_size, (64, 64), "letterbox")):
+        out = mask_to_frame(aligned, p, quirks)
+        assert set(np.unique(out)) == {0, 1}  # foreground kept, not thresholded away
+    assert quirks == []
 
 
 @pytest.mark.parametrize("channel", [0, 1, 2])
@@ -535,11 +547,12 @@ def test_rgb_mask_any_channel_marks_foreground(channel) -> None:
     rgb = np.zeros((24, 32, 3), np.uint8)
     rgb[..., channel] = m
     mask, quirks = decode_mask(png(rgb), "m.png", BIG)
-    assert quirks == [] and mask.labels is False
+    assert quirks == []
     assert mask.image.mode == "L"
     np.testing.assert_array_equal(np.asarray(mask.image), m)
-    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"))
+    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"), quirks)
     np.testing.assert_array_equal(out, m // 255)
+    assert quirks == []
 
 
 def test_rgba_mask_ignores_alpha() -> None:
@@ -564,17 +577,22 @@ def test_bilevel_mask() -> None:
     data = png(Image.fromarray(m).convert("1"))
     assert Image.open(io.BytesIO(data)).mode == "1"
     mask, quirks = decode_mask(data, "m.png", BIG)
-    assert quirks == [] and mask.labels is True
+    assert quirks == []
+    assert mask.image.mode == "L"
     np.testing.assert_array_equal(np.asarray(mask.image), m // 255)
+    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"), quirks)
+    np.testing.assert_array_equal(out, m // 255)
+    assert quirks == []
 
 
 def test_tiff_16bit_mask() -> None:
     m16 = box_mask(24, 32, (4, 4, 12, 20)).astype(np.uint16) * 257  # 0 / 65535
     mask, quirks = decode_mask(tiff(m16), "m.tif", BIG)
-    assert quirks == [] and mask.labels is False
+    assert quirks == []
     assert set(np.unique(np.asarray(mask.image))) == {0, 255}
-    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"))
+    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"), quirks)
     np.testing.assert_array_equal(out, m16 // 65535)
+    assert quirks == []
 
 
 def test_png_16bit_mask() -> None:
@@ -582,26 +600,34 @@ def test_png_16bit_mask() -> None:
     data = png(Image.fromarray(m16))
     assert Image.open(io.BytesIO(data)).mode == "I;16"
     mask, quirks = decode_mask(data, "m.png", BIG)
-    assert quirks == [] and mask.labels is False
-    out = mask_to_frame(mask, place((24, 32), (48, 64), "stretch"))
+    assert quirks == []
+    out = mask_to_frame(mask, place((24, 32), (48, 64), "stretch"), quirks)
     np.testing.assert_array_equal(out, (m16 // 65535).repeat(2, 0).repeat(2, 1))
+    assert quirks == []
 
 
 def test_tiff_uint8_mask_and_label_map() -> None:
     m = box_mask(24, 32, (4, 4, 12, 20))
-    mask, _ = decode_mask(tiff(m), "m.tif", BIG)
-    assert mask.labels is False
+    p = place((24, 32), (24, 32), "stretch")
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
     np.testing.assert_array_equal(np.asarray(mask.image), m)
-    labels, _ = decode_mask(tiff(m // 255), "m.tiff", BIG)
+    np.testing.assert_array_equal(mask_to_frame(mask, p, quirks), m // 255)
+    assert quirks == []
+    labels, quirks = decode_mask(tiff(m // 255), "m.tiff", BIG)
     assert labels.labels is True
     np.testing.assert_array_equal(np.asarray(labels.image), m // 255)
+    np.testing.assert_array_equal(mask_to_frame(labels, p, quirks), m // 255)
+    assert quirks == []
 
 
 def test_tiff_16bit_label_mask() -> None:
     m = box_mask(24, 32, (4, 4, 12, 20), fg=1).astype(np.uint16)
     mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
-    assert quirks == [] and mask.labels is True
+    assert quirks == []
     np.testing.assert_array_equal(np.asarray(mask.image), m)
+    out = mask_to_frame(mask, place((24, 32), (24, 32), "stretch"), quirks)
+    np.testing.assert_array_equal(out, m)
+    assert quirks == []
 
 
 def test_mask_to_frame_accepts_label_array() -> None:
@@ -767,16 +793,36 @@ def test_uint16_soft_mask_thresholded() -> None:
     m[:, 4:8] = 13107  # 0.2 of full range
     m[:, 8:] = 58982  # 0.9 of full range
     mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
-    assert quirks == ["mask_thresholded"]
-    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"))
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
     assert not out[:, :8].any() and out[:, 8:].all()
+    assert quirks == ["mask_thresholded"]  # soft floats are thresholded (at 0.5) in decode
+
+
+def test_faint_soft_float_mask_is_not_mistaken_for_labels() -> None:
+    m = np.zeros((16, 16), np.float32)
+    m[:, 8:] = 0.003  # every probability below 0.5: no foreground at all
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
+    assert not out.any() and quirks == ["mask_thresholded"]
+
+
+def test_antialiased_uint8_mask_sampled_at_0_and_1_is_not_labels() -> None:
+    m = np.zeros((64, 64), np.uint8)
+    m[::4, ::4] = 1  # faint values where the nearest-neighbour downscale samples
+    m[1::4, 1::4] = 255
+    mask, quirks = decode_mask(png(m), "m.png", BIG)
+    out = mask_to_frame(mask, place((64, 64), (16, 16), "stretch"), quirks)
+    assert not out.any()  # value 1 of 255 is background, not a label
 
 
 def test_float_binary_mask_is_label_map() -> None:
     m = box_mask(16, 16, (2, 2, 10, 10), fg=1).astype(np.float32)
     mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
-    assert quirks == [] and mask.labels is True
-    np.testing.assert_array_equal(np.asarray(mask.image), m.astype(np.uint8))
+    assert quirks == []
+    np.testing.assert_array_equal(np.asarray(mask.image), m.astype(np.uint8))  # not x255
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
+    np.testing.assert_array_equal(out, m.astype(np.uint8))
+    assert quirks == []
 
 
 def test_soft_float_mask_thresholded_like_uint8() -> None:
@@ -784,6 +830,23 @@ def test_soft_float_mask_thresholded_like_uint8() -> None:
     m[:, 4:8] = 0.2
     m[:, 8:] = 0.9
     mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
-    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"))
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
     assert not out[:, :8].any() and out[:, 8:].all()
-    assert quirks == ["mask_thresholded"]
+    assert quirks == ["mask_thresholded"]  # soft floats are thresholded (at 0.5) in decode
+
+
+def test_faint_soft_float_mask_is_not_mistaken_for_labels() -> None:
+    m = np.zeros((16, 16), np.float32)
+    m[:, 8:] = 0.003  # every probability below 0.5: no foreground at all
+    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
+    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
+    assert not out.any() and quirks == ["mask_thresholded"]
+
+
+def test_antialiased_uint8_mask_sampled_at_0_and_1_is_not_labels() -> None:
+    m = np.zeros((64, 64), np.uint8)
+    m[::4, ::4] = 1  # faint values where the nearest-neighbour downscale samples
+    m[1::4, 1::4] = 255
+    mask, quirks = decode_mask(png(m), "m.png", BIG)
+    out = mask_to_frame(mask, place((64, 64), (16, 16), "stretch"), quirks)
+    assert not out.any()  # value 1 of 255 is background, not a label

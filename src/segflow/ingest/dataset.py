@@ -30,6 +30,7 @@ are written only by the driver, at the end of a run. Rows [0, n) are committed; 
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,12 +75,15 @@ def create_or_check(store: Store, size: tuple[int, int], resize: str, layout: st
     g.create_array(
         "images", shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=_IMAGE_CODEC
     )
-    g.create_array("has_mask", shape=(0,), chunks=(INDEX_CHUNK,), dtype="bool")
-    g.create_array("orig_size", shape=(0, 2), chunks=(INDEX_CHUNK, 2), dtype="int32")
-    g.create_array("pad_box", shape=(0, 4), chunks=(INDEX_CHUNK, 4), dtype="int32")
-    g.create_array("orig_channels", shape=(0,), chunks=(INDEX_CHUNK,), dtype="uint8")
-    for name in STR_ARRAYS:
-        g.create_array(name, shape=(0,), chunks=(INDEX_CHUNK,), dtype=str)
+    specs = {
+        "has_mask": ((0,), (INDEX_CHUNK,), "bool"),
+        "orig_size": ((0, 2), (INDEX_CHUNK, 2), "int32"),
+        "pad_box": ((0, 4), (INDEX_CHUNK, 4), "int32"),
+        "orig_channels": ((0,), (INDEX_CHUNK,), "uint8"),
+    } | {name: ((0,), (INDEX_CHUNK,), str) for name in STR_ARRAYS}
+    with ThreadPoolExecutor(len(specs)) as pool:
+        list(pool.map(lambda kv: g.create_array(kv[0], shape=kv[1][0], chunks=kv[1][1],
+                                                dtype=kv[1][2]), specs.items()))  # fmt: skip
     g.attrs.update(
         {
             "contract": CONTRACT_VERSION,
@@ -142,7 +146,8 @@ def read_index(g: zarr.Group) -> Index:
 def write_index(g: zarr.Group, index: Index) -> None:
     """Rewrite every 1-D array from ``index`` (driver only) and shrink the pixel arrays."""
     n = index.n
-    for name in INDEX_COLUMNS:
+
+    def write(name: str) -> None:
         arr = g[name]
         values = index.columns[name]
         if name in STR_ARRAYS:
@@ -152,6 +157,9 @@ def write_index(g: zarr.Group, index: Index) -> None:
         arr.resize((n, *arr.shape[1:]))
         if n:
             arr[:] = data
+
+    with ThreadPoolExecutor(len(INDEX_COLUMNS)) as pool:  # each column has its own writer
+        list(pool.map(write, INDEX_COLUMNS))
     for name in ("images", "masks"):
         if name in g and g[name].shape[0] != n:
             g[name].resize((n, *g[name].shape[1:]))

@@ -163,7 +163,9 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
         return
     import dask
 
-    workers = cfg.workers or _cores()
+    # Decoding releases the GIL and workers also wait on storage: 2 threads per core keep the
+    # cores busy while half of the threads wait on writes.
+    workers = cfg.workers or 2 * _cores()
     # ~4 tasks per worker: enough to balance mixed image sizes, few enough to amortise overhead
     size = cfg.batch_size or max(1, min(32, -(-len(todo) // (4 * workers))))
     batches = _pack(todo, size)

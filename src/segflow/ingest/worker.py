@@ -66,10 +66,7 @@ def record_name(s: Slot) -> str:
 
 def process_batch(slots: list[Slot], ctx: WorkerContext) -> int:
     """Decode, write and record every slot of the batch; returns how many were written."""
-    zs = ctx.dataset.zarr_store()
-    images = zarr.open_array(zs, path="images", mode="r+")
-    masks = zarr.open_array(zs, path="masks", mode="r+") if _has_masks(zs) else None
-    done = 0
+    decoded = []
     for unit_slots in _by_unit(slots):
         try:
             rows = _decode_unit(unit_slots, ctx)
@@ -82,13 +79,37 @@ def process_batch(slots: list[Slot], ctx: WorkerContext) -> int:
             for s in unit_slots:
                 _write_record(ctx, s, _rejection(ctx, s, "error", detail))
             continue
-        for s, (image, mask, meta) in zip(unit_slots, rows, strict=True):
-            images[s.index] = image
-            if mask is not None and masks is not None:
-                masks[s.index] = mask
-            _write_record(ctx, s, meta)
-            done += 1
-    return done
+        decoded += [(s, *row) for s, row in zip(unit_slots, rows, strict=True)]
+    _write_pixels(ctx, decoded)
+    for s, _, _, meta in decoded:  # records last: a record means the pixels are in place
+        _write_record(ctx, s, meta)
+    return len(decoded)
+
+
+def _write_pixels(ctx: WorkerContext, decoded: list) -> None:
+    """One zarr call per run of consecutive slots: zarr then encodes and stores the run's
+    chunks concurrently. The chunks are this batch's own, so there is still one writer each."""
+    if not decoded:
+        return
+    zs = ctx.dataset.zarr_store()
+    images = zarr.open_array(zs, path="images", mode="r+")
+    masks = zarr.open_array(zs, path="masks", mode="r+") if _has_masks(zs) else None
+    for run in _runs([(s.index, image) for s, image, _, _ in decoded]):
+        images[run[0][0] : run[-1][0] + 1] = np.stack([a for _, a in run])
+    if masks is not None:
+        labelled = [(s.index, mask) for s, _, mask, _ in decoded if mask is not None]
+        for run in _runs(labelled):
+            masks[run[0][0] : run[-1][0] + 1] = np.stack([a for _, a in run])
+
+
+def _runs(items: list[tuple[int, np.ndarray]]) -> list[list[tuple[int, np.ndarray]]]:
+    runs: list[list[tuple[int, np.ndarray]]] = []
+    for index, arr in sorted(items, key=lambda t: t[0]):
+        if runs and runs[-1][-1][0] == index - 1:
+            runs[-1].append((index, arr))
+        else:
+            runs.append([(index, arr)])
+    return runs
 
 
 def _has_masks(zs) -> bool:
@@ -123,7 +144,7 @@ def _decode_2d(s: Slot, ctx: WorkerContext):
         mask, mq = decode_mask(mask_bytes, s.mask, ctx.max_pixels)
         mask, aq = align_mask(mask, img, s.mask)
         quirks += mq + aq
-        mask_frame = mask_to_frame(mask, placement)
+        mask_frame = mask_to_frame(mask, placement, quirks)
     meta = _meta(ctx, s, placement, img.channels, sha256_bytes(data, mask_bytes), quirks)
     meta["mask_source"] = ctx.masks.uri(s.mask) if s.mask else ""
     return image_to_frame(img, placement), mask_frame, meta
