@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: local folder store, local Dask (and, as stages land,
-# Prefect's local API and local Ray). Generated demo data, so it runs offline.
+# The main job on embedded defaults: a local folder store, local Dask, local Ray, generated
+# demo data (so it runs offline). Each stage is incremental: a second `make demo` is fast.
 set -euo pipefail
 OUT="${1:-demo-out}"
 BIN="${BIN:-.venv/bin}"
 N="${DEMO_N:-64}"
+EPOCHS="${DEMO_EPOCHS:-4}"
 mkdir -p "$OUT"
-echo ">> 1/2 generating $N synthetic ISIC-layout images in $OUT/raw"
+echo ">> 1/3 generating $N synthetic ISIC-layout images in $OUT/raw"
 "$BIN/segflow" demo-data --out "$OUT/raw" --n "$N"
-echo ">> 2/2 ingesting into $OUT/dataset.zarr (rerun: a no-op)"
+echo ">> 2/3 ingesting into $OUT/dataset.zarr"
 "$BIN/segflow" ingest --layout isic --source "$OUT/raw" --dataset "$OUT/dataset.zarr" --size 128 128
-"$BIN/segflow" ingest --layout isic --source "$OUT/raw" --dataset "$OUT/dataset.zarr" --size 128 128 --json | tail -1
-echo ">> done: dataset at $OUT/dataset.zarr, report at $OUT/dataset.zarr/report.json"
+echo ">> 3/3 training 2 folds x $EPOCHS epochs on local Ray (resnet18 U-Net) into $OUT/models"
+"$BIN/segflow" train --dataset "$OUT/dataset.zarr" --models "$OUT/models" --folds 2 \
+    --epochs "$EPOCHS" --encoder resnet18 --batch-size 8 --lr 1e-3
+echo ">> done: dataset $OUT/dataset.zarr, models $OUT/models (curves: $OUT/models/fold-*/curves.png)"

@@ -798,23 +798,6 @@ def test_uint16_soft_mask_thresholded() -> None:
     assert quirks == ["mask_thresholded"]  # soft floats are thresholded (at 0.5) in decode
 
 
-def test_faint_soft_float_mask_is_not_mistaken_for_labels() -> None:
-    m = np.zeros((16, 16), np.float32)
-    m[:, 8:] = 0.003  # every probability below 0.5: no foreground at all
-    mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
-    out = mask_to_frame(mask, place((16, 16), (16, 16), "stretch"), quirks)
-    assert not out.any() and quirks == ["mask_thresholded"]
-
-
-def test_antialiased_uint8_mask_sampled_at_0_and_1_is_not_labels() -> None:
-    m = np.zeros((64, 64), np.uint8)
-    m[::4, ::4] = 1  # faint values where the nearest-neighbour downscale samples
-    m[1::4, 1::4] = 255
-    mask, quirks = decode_mask(png(m), "m.png", BIG)
-    out = mask_to_frame(mask, place((64, 64), (16, 16), "stretch"), quirks)
-    assert not out.any()  # value 1 of 255 is background, not a label
-
-
 def test_float_binary_mask_is_label_map() -> None:
     m = box_mask(16, 16, (2, 2, 10, 10), fg=1).astype(np.float32)
     mask, quirks = decode_mask(tiff(m), "m.tif", BIG)
