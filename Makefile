@@ -20,7 +20,9 @@ env: $(VENV_DIR)/.complete
 		|| $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 
 # Built in place; .complete is written last, so an interrupted build is redone from scratch.
-$(VENV_DIR)/.complete: requirements.lock
+# No prerequisite on requirements.lock: the pins' hash is in the folder name already, and a
+# fresh clone's newer file time must not trigger a rebuild of a cached environment.
+$(VENV_DIR)/.complete:
 	@echo ">> building environment $(VENV_DIR) (one-off, a few minutes)"
 	rm -rf "$(VENV_DIR)"
 	mkdir -p "$(VENV_CACHE)"
