@@ -177,6 +177,101 @@ def train(
         raise typer.Exit(1)
 
 
+@app.command()
+def predict(
+    models: Annotated[str | None, typer.Option(help="URL of the trained models")] = None,
+    out: Annotated[str | None, typer.Option(help="URL to write masks to")] = None,
+    dataset: Annotated[str | None, typer.Option(help="predict an ingested dataset")] = None,
+    source: Annotated[str | None, typer.Option(help="or raw files at this URL")] = None,
+    layout: Annotated[str | None, typer.Option(help="isic | nerve | folder")] = None,
+    folds: Annotated[str | None, typer.Option(help="all, or e.g. 0,2")] = None,
+    tta: Annotated[str | None, typer.Option(help="d4 | flips | none")] = None,
+    threshold: Annotated[str | None, typer.Option(help="auto | 0..1")] = None,
+    postprocess: Annotated[str | None, typer.Option(help="auto | none | lcc | lcc_fill")] = None,
+    save_probabilities: Annotated[
+        bool | None, typer.Option("--save-probabilities", help="also write probabilities")
+    ] = None,
+    executor: Annotated[str | None, typer.Option(help="ray | inline")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per model batch")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="inputs per resumable shard")] = None,
+    endpoint_url: StorageOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment images with the fold ensemble + TTA; masks at the original resolution."""
+    from segflow.predict.config import PredictConfig
+    from segflow.predict.run import predict as run_predict
+
+    _setup_logging(as_json)
+    cfg = PredictConfig.load(
+        config, models=models, out=out, dataset=dataset, source=source, layout=layout,
+        folds=folds, tta=tta, threshold=threshold, postprocess=postprocess,
+        save_probabilities=save_probabilities, executor=executor, ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker, batch_size=batch_size, shard_size=shard_size,
+        storage=_storage(endpoint_url),
+    )  # fmt: skip
+    result = run_predict(cfg, progress=None if as_json else _progress_bar())
+    human = (
+        f"\n{result.n_images} masks in {result.out}/masks ({result.shards_run} of "
+        f"{result.n_shards} shards run, {result.n_errors} errors; folds {result.folds}, "
+        f"TTA {result.tta}, threshold {result.threshold:.2f}, post-processing "
+        f"{result.postprocess}; {result.images_per_s} img/s)"
+    )
+    _emit(result.to_dict(), as_json, human)
+
+
+def _progress_bar():
+    def show(done: int, total: int, rate: float) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{total} images, {rate:.1f} img/s")
+        sys.stderr.flush()
+
+    return show
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[str, typer.Option(help="URL of the predicted masks")],
+    truth: Annotated[str, typer.Option(help="URL of the ground-truth masks")],
+    layout: Annotated[str, typer.Option(help="isic | folder")] = "isic",
+    endpoint_url: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score predicted masks against the truth at the truth's resolution."""
+    from segflow.evaluate import evaluate as run_evaluate
+    from segflow.storage import StorageOptions
+
+    _setup_logging(as_json)
+    opts = StorageOptions(endpoint_url=endpoint_url) if endpoint_url else None
+    r = run_evaluate(predictions, truth, layout=layout, storage=opts)
+    human = (
+        f"{r.n} images: Dice {r.mean_dice:.4f}, Jaccard {r.mean_jaccard:.4f}, thresholded "
+        f"Jaccard {r.mean_thresholded_jaccard:.4f} (per image: {r.per_image_csv})"
+    )
+    _emit(r.to_dict(), as_json, human)
+
+
+@app.command("export-rle")
+def export_rle(
+    predictions: Annotated[str, typer.Option(help="URL of the predicted masks")],
+    out: Annotated[str, typer.Option(help="CSV file to write (Kaggle: img,pixels)")],
+    layout: Annotated[str, typer.Option(help="isic | folder")] = "folder",
+    endpoint_url: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a Kaggle run-length-encoded submission CSV from predicted masks."""
+    from segflow.rle import export_rle as run_export
+    from segflow.storage import StorageOptions
+
+    opts = StorageOptions(endpoint_url=endpoint_url) if endpoint_url else None
+    r = run_export(predictions, out, storage=opts, layout=layout)
+    _emit(r, as_json, f"wrote {r['n']} rows ({r['empty']} empty masks) to {r['out']}")
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[str | None, typer.Option(help="URL to write the ISIC-layout archive to")] = None,

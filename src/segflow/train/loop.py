@@ -245,7 +245,7 @@ def validation_step(run: Run, images: np.ndarray, masks: np.ndarray):
     x, y = to_device(run, images, masks)
     with torch.autocast(run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None):
         logits = run.model(normalise(run, x)).float()
-    pred = torch.sigmoid(logits) > run.spec.threshold
+    pred = torch.sigmoid(logits) >= run.spec.threshold  # the same rule as predict
     return float(run.loss_fn(logits, y)), per_image_scores(pred[:, 0], y[:, 0] > 0.5)
 
 

@@ -1,0 +1,301 @@
+"""Score predicted masks against ground truth: per-image CSV plus a summary JSON.
+
+Every prediction is scored at the ground truth's resolution (a prediction of another size is
+resized with nearest neighbour and flagged), so the numbers match the official ISIC 2018 /
+Kaggle evaluation. Images are scored in batches on Dask's local threaded scheduler: decoding
+PNGs and counting pixels release the GIL, and only the masks of the running batches are ever
+in memory. Both outputs land in the predictions store: ``evaluation.csv``, ``evaluation.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import posixpath
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segflow.errors import ConfigError, InputError, SegflowError
+from segflow.geometry import place
+from segflow.imaging import Rejected, decode_mask, mask_to_frame
+from segflow.storage import StorageOptions, Store, iter_batches
+
+LAYOUTS = ("isic", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+CSV_NAME = "evaluation.csv"
+JSON_NAME = "evaluation.json"
+CSV_COLUMNS = (
+    "id",
+    "dice",
+    "jaccard",
+    "thresholded_jaccard",
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+    "resized",
+    "missing",
+    "error",
+)
+_ISIC_MASK = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
+# What a bad file can raise while being read and decoded; anything else is a bug and propagates.
+_READ_ERRORS = (Rejected, SegflowError, OSError)
+
+
+@dataclass
+class EvaluationResult:
+    """Means are over the scored images (``n``); ``None`` when no image could be scored."""
+
+    n: int
+    mean_dice: float | None
+    mean_jaccard: float | None
+    mean_thresholded_jaccard: float | None
+    confusion: dict[str, Any]
+    missing_predictions: list[str]
+    unmatched_predictions: list[str]
+    per_image_csv: str
+    summary_json: str
+    errors: dict[str, str] = field(default_factory=dict)  # id -> why it was not scored
+
+    @property
+    def n_errors(self) -> int:
+        return len(self.errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "n_errors": self.n_errors}
+
+
+@dataclass
+class _Pair:
+    id: str
+    truth: str  # path in the truth store
+    pred: str | None  # path in the predictions store; None: no prediction
+
+
+@dataclass
+class _Row:
+    """One image's scores; a row with ``error`` set has no scores and stays out of the means."""
+
+    id: str
+    dice: float | None = None
+    jaccard: float | None = None
+    thresholded_jaccard: float | None = None
+    tp: int | None = None
+    fp: int | None = None
+    fn: int | None = None
+    tn: int | None = None
+    resized: bool = False
+    missing: bool = False
+    error: str = ""
+
+
+def evaluate(
+    predictions: str,
+    truth: str,
+    layout: str = "isic",
+    storage: StorageOptions | None = None,
+    max_pixels: int = 178_956_970,
+    workers: int | None = None,
+) -> EvaluationResult:
+    """Score every ground-truth mask at ``truth`` against its prediction at ``predictions``.
+
+    ``layout``: ``isic`` pairs ``<id>_segmentation.<ext>`` on both sides; ``folder`` pairs
+    files by name without the suffix (``a.png`` with ``a.png`` or ``a.tif``). A truth mask with
+    no prediction is scored as an empty prediction and listed in ``missing_predictions``."""
+    pred_store, truth_store = Store(predictions, storage), Store(truth, storage)
+    truth_files = list_masks(truth_store, layout)
+    if not truth_files:
+        raise InputError(f"no ground-truth masks at {truth_store.url!r} for {_naming(layout)}")
+    pred_files = list_masks(pred_store, layout)
+    if not pred_files:
+        # Most likely a wrong URL or layout: scoring everything as empty would hide that.
+        raise InputError(f"no predicted masks at {pred_store.url!r} for {_naming(layout)}")
+    pairs = [_Pair(i, truth_files[i], pred_files.get(i)) for i in sort_ids(truth_files)]
+    rows = _score_all(pairs, pred_store, truth_store, max_pixels, workers)
+    csv_url = pred_store.write_bytes(CSV_NAME, _csv_bytes(rows))
+    result = _summarise(rows, csv_url, pred_store.uri(JSON_NAME))
+    result.missing_predictions = [p.id for p in pairs if p.pred is None]
+    result.unmatched_predictions = sort_ids(set(pred_files) - set(truth_files))
+    summary = {
+        **result.to_dict(),
+        "layout": layout,
+        "predictions": pred_store.url,
+        "truth": truth_store.url,
+    }
+    pred_store.write_json(JSON_NAME, summary)  # last: its presence means the CSV is complete
+    return result
+
+
+# -- discovery ----------------------------------------------------------------------------------
+def list_masks(store: Store, layout: str) -> dict[str, str]:
+    """id -> path of every mask file in ``store`` under ``layout``'s naming. Ids keep their
+    sub-folder (``sub/a``); when two files share an id (``a.png``, ``a.tif``) the first in
+    sorted order is used."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    found: dict[str, str] = {}
+    for f in store.list():
+        stem, ext = posixpath.splitext(f.rel)
+        if ext.lower() not in IMAGE_SUFFIXES:
+            continue
+        if layout == "isic":
+            m = _ISIC_MASK.match(stem)
+            if not m:
+                continue
+            stem = m["id"]
+        found.setdefault(stem, f.rel)
+    return found
+
+
+def sort_ids(ids: Iterable[str]) -> list[str]:
+    """Numerically when every id is an integer (Kaggle nerve: 1, 2, ..., 10), else as text."""
+    ids = list(ids)
+    if ids and all(i.isascii() and i.isdigit() for i in ids):
+        return sorted(ids, key=int)
+    return sorted(ids)
+
+
+def _naming(layout: str) -> str:
+    if layout == "isic":
+        return "layout isic (<id>_segmentation.png)"
+    return f"layout {layout} (image files: {', '.join(IMAGE_SUFFIXES)})"
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def _score_all(
+    pairs: list[_Pair], pred_store: Store, truth_store: Store, max_pixels: int, workers: int | None
+) -> list[_Row]:
+    import dask
+
+    workers = workers or _cores()
+    # ~4 batches per worker balances mixed image sizes; a cap of 32 keeps memory per task small.
+    size = max(1, min(32, -(-len(pairs) // (4 * workers))))
+    tasks = [
+        dask.delayed(_score_batch, pure=False)(batch, pred_store, truth_store, max_pixels)
+        for batch in iter_batches(pairs, size)
+    ]
+    batches = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    return [row for batch in batches for row in batch]
+
+
+def _score_batch(
+    pairs: list[_Pair], pred_store: Store, truth_store: Store, max_pixels: int
+) -> list[_Row]:
+    return [_score_pair(p, pred_store, truth_store, max_pixels) for p in pairs]
+
+
+def _score_pair(pair: _Pair, pred_store: Store, truth_store: Store, max_pixels: int) -> _Row:
+    missing = pair.pred is None
+    try:
+        truth, _ = _read_mask(truth_store, pair.truth, max_pixels)
+    except _READ_ERRORS as e:
+        return _Row(pair.id, missing=missing, error=f"truth {truth_store.uri(pair.truth)}: {e}")
+    if pair.pred is None:
+        return _score(pair.id, np.zeros_like(truth), truth, resized=False, missing=True)
+    try:
+        pred, resized = _read_mask(pred_store, pair.pred, max_pixels, size=truth.shape)
+    except _READ_ERRORS as e:
+        return _Row(pair.id, error=f"prediction {pred_store.uri(pair.pred)}: {e}")
+    return _score(pair.id, pred, truth, resized=resized, missing=False)
+
+
+def _read_mask(
+    store: Store, rel: str, max_pixels: int, size: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, bool]:
+    """(H, W) uint8 {0,1} at ``size`` (default: the file's own), and whether it was resized."""
+    mask, quirks = decode_mask(store.read_bytes(rel), rel, max_pixels)
+    w, h = mask.size
+    target = (int(size[0]), int(size[1])) if size is not None else (h, w)
+    # "stretch" onto the truth's frame: a nearest-neighbour resize, or the identity.
+    return mask_to_frame(mask, place((h, w), target, "stretch"), quirks), target != (h, w)
+
+
+def _score(id_: str, pred: np.ndarray, truth: np.ndarray, resized: bool, missing: bool) -> _Row:
+    import torch
+
+    from segflow.metrics import per_image_scores
+
+    p, t = pred.astype(bool), truth.astype(bool)
+    # Dice and Jaccard never look at true negatives, so scoring only the pixels where either
+    # mask is set gives the same numbers; torch's reductions are ~100x slower than numpy's
+    # count_nonzero per pixel, and a lesion is a fraction of the image.
+    union = p | t
+    scores = per_image_scores(torch.from_numpy(p[union])[None], torch.from_numpy(t[union])[None])
+    tp = int(np.count_nonzero(p & t))
+    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
+    return _Row(
+        id_,
+        dice=float(scores["dice"][0]),
+        jaccard=float(scores["jaccard"][0]),
+        thresholded_jaccard=float(scores["thresholded_jaccard"][0]),
+        tp=tp,
+        fp=fp,
+        fn=fn,
+        tn=t.size - tp - fp - fn,
+        resized=resized,
+        missing=missing,
+    )
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# -- outputs ------------------------------------------------------------------------------------
+def _summarise(rows: list[_Row], csv_url: str, json_url: str) -> EvaluationResult:
+    scored = [r for r in rows if not r.error]
+    return EvaluationResult(
+        n=len(scored),
+        mean_dice=_mean(r.dice for r in scored),
+        mean_jaccard=_mean(r.jaccard for r in scored),
+        mean_thresholded_jaccard=_mean(r.thresholded_jaccard for r in scored),
+        confusion=_confusion(scored),
+        missing_predictions=[],
+        unmatched_predictions=[],
+        per_image_csv=csv_url,
+        summary_json=json_url,
+        errors={r.id: r.error for r in rows if r.error},
+    )
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return math.fsum(vals) / len(vals) if vals else None
+
+
+def _confusion(rows: list[_Row]) -> dict[str, Any]:
+    """Pixel counts over all scored images, their share of all pixels, and recall per class."""
+    counts = {k: sum(getattr(r, k) or 0 for r in rows) for k in ("tp", "fp", "fn", "tn")}
+    total = sum(counts.values())
+    percent = {k: (100.0 * v / total if total else None) for k, v in counts.items()}
+    fg, bg = counts["tp"] + counts["fn"], counts["tn"] + counts["fp"]
+    return {
+        **counts,
+        "total": total,
+        "percent": percent,
+        "recall_foreground": counts["tp"] / fg if fg else None,
+        "recall_background": counts["tn"] / bg if bg else None,
+    }
+
+
+def _csv_bytes(rows: list[_Row]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow(_csv_cell(getattr(r, c)) for c in CSV_COLUMNS)
+    return buf.getvalue().encode()
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else str(v)

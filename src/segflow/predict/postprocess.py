@@ -1,0 +1,389 @@
+"""Post-processing of binary masks, and its choice on out-of-fold (OOF) probabilities.
+
+The choice follows nnU-Net: first the probability threshold that maximises the mean OOF
+thresholded Jaccard (ISIC 2018's metric, :mod:`segflow.metrics`) with no post-processing
+(ties go to the threshold closest to 0.5), then a post-processing step is adopted only if it
+improves that score at that threshold by more than :data:`MIN_GAIN`. Out-of-fold means every
+image is scored by the fold that did not train on it, so the choice is not fitted to training
+images.
+
+A pixel is foreground when ``p >= threshold``, as in ``segflow.predict.run``, the stage that
+applies the choice. Components are 8-connected, as a lesion drawn with diagonal steps is one
+object; holes are therefore the 4-connected background regions that don't touch the border
+(the topological dual, and what ``scipy.ndimage.binary_fill_holes`` fills by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import zip_longest
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from segflow.errors import DatasetError, InputError
+from segflow.metrics import TJ_THRESHOLD
+from segflow.storage import Store
+
+log = logging.getLogger("segflow.predict")
+
+POSTPROCESS = ("none", "lcc", "lcc_fill")
+THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.1, 0.91, 0.05), 2))
+MIN_GAIN = 1e-4  # a post-processing step must beat "none" by more than this to be adopted
+CHUNK = 64  # images per read: 64 x 256 x 256 keeps every temporary array in the tens of MB
+CHOICE_FILE = "postprocess.json"
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+_FOLD_DIR = re.compile(r"^fold-(\d+)$")
+
+
+# -- mask operations ------------------------------------------------------------------------------
+def _check_2d(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D (H, W) mask, got shape {mask.shape}")
+    return mask
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected foreground component of an (H, W) mask, in the mask's dtype
+    and values; everything else becomes 0. Empty stays empty. Of equally large components the
+    one with the lowest label wins, i.e. the one whose first pixel comes first in raster order."""
+    mask = _check_2d(mask)
+    labels, n = ndimage.label(mask != 0, structure=_EIGHT)
+    if n <= 1:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0  # the background is not a component
+    keep = int(np.argmax(sizes))  # argmax returns the first maximum: the lowest label
+    return np.where(labels == keep, mask, np.zeros((), dtype=mask.dtype))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes (background regions not connected to the image border)
+    filled with the mask's foreground value (its maximum). Same result as
+    ``scipy.ndimage.binary_fill_holes``, computed with one labelling instead of an iterated
+    dilation: ~10x faster at 256x256 and linear in the pixels on full-size images."""
+    mask = _check_2d(mask)
+    background = mask == 0
+    labels, n = ndimage.label(background)  # default cross: 4-connected background
+    if n == 0:
+        return mask.copy()
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[edge] = True
+    outside[0] = True  # label 0 is the foreground itself
+    holes = ~outside[labels]
+    if not holes.any():
+        return mask.copy()
+    out = mask.copy()
+    out[holes] = mask.max()
+    return out
+
+
+def postprocess(mask: np.ndarray, method: str) -> np.ndarray:
+    """Apply ``method`` (one of :data:`POSTPROCESS`) to an (H, W) mask; "none" returns it
+    unchanged, "lcc_fill" keeps the largest component, then fills its holes."""
+    if method not in POSTPROCESS:
+        raise ValueError(f"unknown post-processing {method!r}; allowed: {', '.join(POSTPROCESS)}")
+    if method == "none":
+        return mask
+    kept = largest_component(mask)
+    return fill_holes(kept) if method == "lcc_fill" else kept
+
+
+# -- the choice -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Choice:
+    threshold: float
+    postprocess: str
+    oof_thresholded_jaccard: float  # with the chosen threshold and post-processing
+    oof_by_threshold: dict[str, float]  # "0.30" -> mean thresholded Jaccard, postprocess none
+    oof_by_postprocess: dict[str, float]  # method -> mean TJ at the chosen threshold
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Choice:
+        return cls(**d)
+
+
+def choose(
+    probs: np.ndarray | Iterable[np.ndarray],
+    truths: np.ndarray | Iterable[np.ndarray],
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> Choice:
+    """Choose the threshold, then the post-processing, on OOF probabilities and truths.
+
+    ``probs``: uint8 (x255, as in ``oof.zarr``) or float in [0, 1]. ``truths``: bool or
+    {0, 1} (anything > 0.5 is foreground). Either an (N, H, W) array-like (numpy, zarr),
+    read in chunks of :data:`CHUNK`, or iterables of (H, W) or (B, H, W) arrays in step with
+    each other. A re-iterable input is read twice (all thresholds, then post-processing at
+    the chosen one); a one-shot iterator is read once, scoring post-processing at every
+    threshold (bounded memory, more labelling).
+    """
+    ts = _thresholds(thresholds)
+    one_shot = _is_one_shot(probs) or _is_one_shot(truths)
+    methods = POSTPROCESS if one_shot else ("none",)
+    sums, n = _tally(_pairs(probs, truths), ts, methods)
+    if n == 0:
+        raise ValueError("no images to choose a threshold on: probs and truths are empty")
+    by_threshold = sums[0] / n
+    best = _best_threshold(ts, by_threshold)
+    if one_shot:
+        at_best = sums[:, best] / n
+    else:
+        pp, _ = _tally(_pairs(probs, truths), ts[best : best + 1], POSTPROCESS[1:])
+        at_best = np.concatenate([[by_threshold[best]], pp[:, 0] / n])
+    by_method = {m: float(s) for m, s in zip(POSTPROCESS, at_best, strict=True)}
+    method = _best_method(by_method)
+    return Choice(
+        threshold=float(ts[best]),
+        postprocess=method,
+        oof_thresholded_jaccard=by_method[method],
+        oof_by_threshold={_key(t): float(s) for t, s in zip(ts, by_threshold, strict=True)},
+        oof_by_postprocess=by_method,
+        n_images=n,
+    )
+
+
+def _thresholds(thresholds: Sequence[float]) -> np.ndarray:
+    ts = np.unique(np.asarray(thresholds, dtype=np.float64))  # sorted: searchsorted needs it
+    if ts.size == 0 or ts.ndim != 1 or not np.all((ts > 0) & (ts < 1)):
+        raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1), got "
+                         f"{list(thresholds)}")  # fmt: skip
+    return ts
+
+
+def _key(t: float) -> str:
+    """The report key: "0.30" on the usual two-decimal grid, more digits only if needed."""
+    return f"{t:.2f}" if abs(t - round(t, 2)) < 1e-9 else f"{t:g}"
+
+
+def _best_threshold(ts: np.ndarray, scores: np.ndarray) -> int:
+    # near-ties (float noise) go to the threshold closest to 0.5, then to the lower one
+    tied = np.flatnonzero(scores >= scores.max() - 1e-9)
+    return int(min(tied, key=lambda i: (round(abs(ts[i] - 0.5), 9), ts[i])))
+
+
+def _best_method(scores: dict[str, float]) -> str:
+    # lcc before lcc_fill on a tie: the simpler step is enough
+    best = max(POSTPROCESS[1:], key=lambda m: (scores[m], -POSTPROCESS.index(m)))
+    return best if scores[best] - scores["none"] > MIN_GAIN else "none"
+
+
+# -- scoring --------------------------------------------------------------------------------------
+def _tally(
+    pairs: Iterator[tuple[np.ndarray, np.ndarray]], ts: np.ndarray, methods: Sequence[str]
+) -> tuple[np.ndarray, int]:
+    """Sum of per-image thresholded Jaccard, (len(methods), len(ts)), and the image count."""
+    sums = np.zeros((len(methods), len(ts)))
+    steps = [m for m in methods if m != "none"]
+    rows = [methods.index(m) for m in steps]
+    n = 0
+    for prob, truth in pairs:
+        levels = _levels(prob, ts)
+        if "none" in methods:
+            sums[methods.index("none")] += _tj_all_thresholds(levels, truth, len(ts)).sum(0)
+        for j in range(len(ts)) if steps else ():
+            sums[rows, j] += _tj_postprocessed(levels > j, truth, steps)
+        n += len(prob)
+    return sums, n
+
+
+def _levels(prob: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Per pixel, how many thresholds it reaches (p >= t): foreground at threshold j is
+    ``levels > j``. uint8 goes through a 256-entry table, so x255 and float agree exactly."""
+    dtype = np.uint8 if len(ts) < 256 else np.int32
+    if prob.dtype == np.uint8:
+        table = np.searchsorted(ts, np.arange(256) / 255, side="right").astype(dtype)
+        return table[prob]
+    if not np.issubdtype(prob.dtype, np.floating):
+        raise ValueError(f"probabilities must be uint8 (x255) or float in [0, 1], got {prob.dtype}")
+    # NaN fails both comparisons, so it is refused too
+    if prob.size and not (prob.min() >= 0 and prob.max() <= 1):
+        raise ValueError("float probabilities must lie in [0, 1] (no NaN); pass uint8 for x255")
+    return np.searchsorted(ts, prob, side="right").astype(dtype)
+
+
+def _tj_all_thresholds(levels: np.ndarray, truth: np.ndarray, n_t: int) -> np.ndarray:
+    """(B, T) thresholded Jaccard at every threshold from two per-image histograms of the
+    levels (all pixels, truth pixels): their tail sums are the predicted-pixel and
+    intersection counts of each threshold, so no (T, B, H, W) stack is ever built."""
+    b = len(levels)
+    bins = n_t + 1
+    idx = (np.arange(b, dtype=np.int64)[:, None] * bins + levels.reshape(b, -1)).ravel()
+    every = np.bincount(idx, minlength=b * bins).reshape(b, bins)
+    inside = np.bincount(idx[truth.reshape(-1)], minlength=b * bins).reshape(b, bins)
+    pred = np.cumsum(every[:, ::-1], 1)[:, ::-1][:, 1:]  # pixels with level > j
+    inter = np.cumsum(inside[:, ::-1], 1)[:, ::-1][:, 1:]
+    return _tj(inter, pred, truth.reshape(b, -1).sum(1)[:, None])
+
+
+def _tj(inter: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """segflow.metrics.per_image_scores' thresholded Jaccard, from pixel counts."""
+    union = pred + truth - inter
+    jaccard = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return np.where(jaccard < TJ_THRESHOLD, 0.0, jaccard)
+
+
+def _tj_postprocessed(pred: np.ndarray, truth: np.ndarray, steps: Sequence[str]) -> list[float]:
+    """Summed thresholded Jaccard of each post-processing step ("lcc", "lcc_fill") of a
+    (B, H, W) prediction; the largest component is found once and shared by both."""
+    kept = np.stack([largest_component(p) for p in pred])
+    done = {"lcc": kept}
+    if "lcc_fill" in steps:
+        done["lcc_fill"] = np.stack([fill_holes(k) for k in kept])
+    return [float(_tj_masks(done[m], truth).sum()) for m in steps]
+
+
+def _tj_masks(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    # count_nonzero, not torch's bool sum: the same numbers, ~10x faster on CPU
+    b = len(pred)
+    p, t = pred.reshape(b, -1), truth.reshape(b, -1)
+    count = np.count_nonzero
+    return _tj(count(p & t, axis=1), count(p, axis=1), count(t, axis=1))
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "__getitem__")
+
+
+def _is_one_shot(x: Any) -> bool:
+    return not _is_array(x) and iter(x) is x
+
+
+def _chunks(x: Any) -> Iterator[np.ndarray]:
+    if _is_array(x):
+        if len(x.shape) == 2:
+            yield np.asarray(x[:])
+            return
+        for i in range(0, x.shape[0], CHUNK):
+            yield np.asarray(x[i : i + CHUNK])
+    else:
+        yield from (np.asarray(item) for item in x)
+
+
+def _pairs(probs: Any, truths: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(B, H, W) probabilities and bool truths, in step; shapes checked up front for arrays
+    and per item for iterables."""
+    if _is_array(probs) and _is_array(truths) and tuple(probs.shape) != tuple(truths.shape):
+        _mismatch(probs.shape, truths.shape)
+    end = object()
+    for prob, truth in zip_longest(_chunks(probs), _chunks(truths), fillvalue=end):
+        if prob is end or truth is end:
+            raise ValueError("probabilities and truth masks have different numbers of images")
+        if prob.shape != truth.shape:
+            _mismatch(prob.shape, truth.shape)
+        if prob.ndim == 2:
+            prob, truth = prob[None], truth[None]
+        if prob.ndim != 3:
+            raise ValueError(f"expected (H, W) or (B, H, W) arrays, got shape {prob.shape}")
+        yield prob, (truth if truth.dtype == bool else truth > 0.5)
+
+
+def _mismatch(prob_shape: Sequence[int], truth_shape: Sequence[int]) -> None:
+    raise ValueError(
+        f"probabilities of shape {tuple(prob_shape)} don't match truth masks of shape "
+        f"{tuple(truth_shape)}"
+    )
+
+
+# -- from a models folder -------------------------------------------------------------------------
+class _Rows:
+    """Re-iterable chunks of chosen rows of an (N, H, W) zarr array: one read per chunk."""
+
+    def __init__(self, array: Any, rows: list[int]) -> None:
+        self.array, self.rows = array, rows
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(0, len(self.rows), CHUNK):
+            yield self.array.oindex[np.asarray(self.rows[i : i + CHUNK])]
+
+
+def choose_from_models(models_url: str, dataset_url: str, storage=None) -> Choice:
+    """:func:`choose` on the OOF rows of every finished fold (a fold is finished once it has
+    written ``fold-<k>/oof.json``, which ``train`` does after its OOF probabilities), with the
+    truth masks from the dataset; writes the Choice to ``models/postprocess.json``."""
+    import zarr
+
+    from segflow.ingest.dataset import open_group
+
+    models = Store(models_url, storage)
+    rows = _oof_rows(models)
+    probs = _open_probs(models)
+    group = open_group(Store(dataset_url, storage), "r")
+    if "masks" not in group:
+        raise DatasetError(f"dataset {dataset_url} has no masks; OOF scoring needs them")
+    rows = _scorable(rows, group, probs.shape[0], models_url, dataset_url)
+    masks: zarr.Array = group["masks"]  # type: ignore[assignment]
+    choice = choose(_Rows(probs, rows), _Rows(masks, rows))
+    models.write_json(CHOICE_FILE, choice.to_dict())
+    log.info("post-processing chosen on %d OOF images: threshold %.2f, %s (OOF TJ %.4f)",
+             choice.n_images, choice.threshold, choice.postprocess,
+             choice.oof_thresholded_jaccard)  # fmt: skip
+    return choice
+
+
+def _oof_rows(models: Store) -> list[int]:
+    """The union of the finished folds' OOF rows."""
+    found = models.fs.glob(models.path("fold-*/oof.json"))
+    folds = sorted(
+        int(m.group(1))
+        for p in found
+        if (m := _FOLD_DIR.match(posixpath.basename(posixpath.dirname(str(p)))))
+    )
+    seen: set[int] = set()
+    for k in folds:
+        rows = [int(r) for r in models.read_json(f"fold-{k}/oof.json").get("rows", [])]
+        if seen.intersection(rows):
+            # K-fold validation sets are disjoint; an overlap means the split changed between
+            # runs, and the shared rows hold whichever fold wrote last
+            log.warning("fold %d's OOF rows overlap earlier folds' rows", k)
+        seen.update(rows)
+    if not seen:
+        raise InputError(
+            f"no finished folds with out-of-fold predictions under {models.url} (no "
+            f"fold-<k>/oof.json with rows); run `segflow train` first"
+        )
+    return sorted(seen)
+
+
+def _open_probs(models: Store) -> Any:
+    import zarr
+
+    try:
+        return zarr.open_array(models.zarr_store(read_only=True), path="oof.zarr/probs", mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError,
+            zarr.errors.NodeTypeValidationError) as e:  # fmt: skip
+        raise InputError(
+            f"{models.uri('oof.zarr/probs')} is missing although folds wrote oof.json; "
+            f"run `segflow train` again for those folds"
+        ) from e
+
+
+def _scorable(rows: list[int], group: Any, n_probs: int, models_url: str, dataset_url: str
+              ) -> list[int]:  # fmt: skip
+    """Rows that exist on both sides and have a truth mask."""
+    n = min(int(group.attrs["n"]), n_probs)
+    outside = [r for r in rows if not 0 <= r < n]
+    if outside:
+        raise InputError(
+            f"OOF rows {outside[:5]} of {models_url} are outside dataset {dataset_url} "
+            f"({group.attrs['n']} rows); were these models trained on another dataset?"
+        )
+    has_mask = np.asarray(group["has_mask"][:n], dtype=bool)
+    kept = [r for r in rows if has_mask[r]]
+    if len(kept) < len(rows):
+        log.warning("%d OOF rows have no truth mask and are not scored", len(rows) - len(kept))
+    if not kept:
+        raise InputError(f"none of the OOF rows of {models_url} has a truth mask in {dataset_url}")
+    return kept

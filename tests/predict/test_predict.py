@@ -1,0 +1,196 @@
+"""Prediction: exact TTA, masks at the original size, resumable shards, Ray, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segflow.predict.config import PredictConfig
+from segflow.predict.run import predict
+from segflow.predict.tta import TTA_MODES, apply, invert, tta_mean
+from segflow.storage import StorageOptions, Store
+from segflow.train import train
+from tests.makers import coded_pair, jpeg_bytes
+from tests.train.conftest import make_dataset, small_config
+
+
+@pytest.mark.parametrize("mode", ["none", "flips", "d4"])
+def test_each_view_is_inverted_exactly(mode):
+    x = torch.rand(2, 1, 8, 8)
+    for v in TTA_MODES[mode]:
+        assert torch.equal(invert(apply(x, v), v), x)
+    assert len({tuple(apply(x, v).flatten().tolist()) for v in TTA_MODES[mode]}) == len(
+        TTA_MODES[mode]
+    )  # the views are distinct
+
+
+def test_tta_is_exact_for_an_equivariant_model():
+    conv = torch.nn.Conv2d(3, 1, 1)  # a 1x1 convolution commutes with flips and rotations
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        plain = torch.sigmoid(conv(x))
+        for mode in TTA_MODES:
+            assert torch.allclose(tta_mean(conv, x, mode), plain, atol=1e-6)
+
+
+def test_tta_undoes_each_view_for_a_non_equivariant_model():
+    # a "model" that marks the top-left pixel: every view's mark must land back top-left
+    def marker(x: torch.Tensor) -> torch.Tensor:
+        out = torch.full((x.shape[0], 1, *x.shape[-2:]), -20.0)
+        out[..., 0, 0] = 20.0
+        return out
+
+    x = torch.zeros(1, 3, 6, 8)  # non-square: rotations change the shape
+    p = tta_mean(marker, x, "d4")
+    # each of the 8 views puts its mark on one corner of the original image
+    assert p.shape == (1, 1, 6, 8)
+    corners = p[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert torch.allclose(corners, torch.full((4,), 0.25), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory) -> tuple[str, Path]:
+    base = tmp_path_factory.mktemp("ens")
+    dataset = make_dataset(str(base), StorageOptions(), n=16, size=32)
+    models = str(base / "models")
+    cfg = small_config(dataset, models, epochs=2)
+    res = train(cfg)
+    assert [f.status for f in res.folds] == ["done", "done"]
+    return models, base
+
+
+def _raw_archive(folder: Path, n: int, sizes=((48, 64), (60, 40), (33, 47))) -> dict[str, tuple]:
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for k in range(n):
+        h, w = sizes[k % len(sizes)]
+        img, _ = coded_pair(k, h, w)
+        name = f"ISIC_{k:07d}"
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(img))
+        shapes[name] = (h, w)
+    return shapes
+
+
+def _masks(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "masks").glob("*.png"))}
+
+
+def test_masks_come_back_at_the_original_size(ensemble, tmp_path):
+    models, _ = ensemble
+    shapes = _raw_archive(tmp_path / "raw", 7)
+    (tmp_path / "raw" / "ISIC_0000099.jpg").write_bytes(b"not a jpeg")
+    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
+                        layout="isic", tta="d4", executor="inline", shard_size=3)  # fmt: skip
+    res = predict(cfg)
+    assert (res.n_images, res.n_shards, res.n_errors) == (7, 3, 1)
+    assert res.errors[0]["id"] == "ISIC_0000099" and "unreadable" in res.errors[0]["error"]
+    assert res.folds == [0, 1] and 0 < res.threshold < 1
+    for name, (h, w) in shapes.items():
+        m = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}_segmentation.png"))
+        assert m.shape == (h, w) and set(np.unique(m).tolist()) <= {0, 255}
+    again = predict(cfg)
+    assert again.shards_run == 0 and again.n_images == 7  # finished shards are not redone
+
+
+def test_new_files_only_run_new_shards(ensemble, tmp_path):
+    models, _ = ensemble
+    _raw_archive(tmp_path / "raw", 4)
+    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
+                        layout="isic", tta="none", executor="inline", shard_size=2)  # fmt: skip
+    first = predict(cfg)
+    img, _ = coded_pair(50)
+    (tmp_path / "raw" / "ISIC_0000050.jpg").write_bytes(jpeg_bytes(img))
+    second = predict(cfg)
+    assert (first.n_shards, second.n_shards, second.shards_run) == (2, 3, 1)
+    assert second.n_images == 5
+
+
+def test_sigkill_mid_run_then_rerun_equals_a_clean_run(ensemble, tmp_path):
+    models, _ = ensemble
+    _raw_archive(tmp_path / "raw", 48, sizes=((96, 128), (120, 90)))
+    clean = tmp_path / "clean"
+    base = {"models": models, "source": str(tmp_path / "raw"), "layout": "isic", "tta": "d4",
+            "executor": "inline", "shard_size": 4, "batch_size": 2}  # fmt: skip
+    predict(PredictConfig(out=str(clean), **base))
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "segflow.cli", "predict", "--models", models, "--source",
+            base["source"], "--out", str(killed), "--layout", "isic", "--tta", "d4",
+            "--executor", "inline", "--shard-size", "4", "--batch-size", "2"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / "_shards").glob("shard-*.complete.json"))) >= 3:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((killed / "_shards").glob("shard-*.complete.json")))
+    assert 3 <= done < 12, f"kill landed outside the run ({done} shards done)"
+    res = predict(PredictConfig(out=str(killed), **base))
+    assert res.shards_run == 12 - done
+    assert _masks(killed) == _masks(clean)
+
+
+def test_dataset_input_and_probabilities(ensemble, tmp_path):
+    models, base = ensemble
+    cfg = PredictConfig(models=models, dataset=str(base / "ds"), out=str(tmp_path / "out"),
+                        tta="flips", executor="inline", save_probabilities=True,
+                        threshold=0.5, postprocess="lcc")  # fmt: skip
+    res = predict(cfg)
+    assert (res.n_images, res.threshold, res.postprocess) == (16, 0.5, "lcc")
+    names = sorted(p.name for p in (tmp_path / "out" / "masks").iterdir())
+    assert names[0] == "ISIC_0000000_segmentation.png" and len(names) == 16
+    import zarr
+
+    probs = zarr.open_array(str(tmp_path / "out"), path="probabilities.zarr/shard-00000", mode="r")
+    assert probs.shape == (16, 32, 32) and probs.dtype == np.uint8
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_predict_on_local_ray(ensemble, tmp_path, local_ray):
+    models, _ = ensemble
+    shapes = _raw_archive(tmp_path / "raw", 5)
+    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
+                        layout="isic", tta="flips", shard_size=2)  # fmt: skip
+    res = predict(cfg)
+    assert (res.n_images, res.shards_run, res.n_errors) == (5, 3, 0)
+    assert len(_masks(tmp_path / "out")) == len(shapes)
+
+
+@pytest.mark.s3
+def test_predict_between_s3_buckets(ensemble, s3_endpoint):
+    from tests.conftest import make_bucket
+
+    models, _ = ensemble
+    storage = StorageOptions(endpoint_url=s3_endpoint)
+    bucket = make_bucket(s3_endpoint)
+    raw = Store(f"s3://{bucket}/raw", storage)
+    for k in range(3):
+        raw.write_bytes(f"ISIC_{k:07d}.jpg", jpeg_bytes(coded_pair(k, 40, 56)[0]))
+    cfg = PredictConfig(models=models, source=raw.url, out=f"s3://{bucket}/out", layout="isic",
+                        tta="none", executor="inline", storage=storage)  # fmt: skip
+    res = predict(cfg)
+    assert res.n_images == 3
+    out = Store(f"s3://{bucket}/out", storage)
+    data = out.read_bytes("masks/ISIC_0000001_segmentation.png")
+    import io
+
+    assert Image.open(io.BytesIO(data)).size == (56, 40)
