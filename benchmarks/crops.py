@@ -49,7 +49,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# -- 1. naive ---------------------------------------------------------------------------------------
+# -- 1. naive -------------------------------------------------------------------------------------
 def naive_crops(pairs: list[Pair], out: Path) -> None:
     """The seed's way: a box per contour, every crop to the same file (last contour wins)."""
     import cv2
@@ -70,7 +70,7 @@ def time_naive(pairs: list[Pair]) -> float:
         return time.perf_counter() - t0
 
 
-# -- 2. decode floor --------------------------------------------------------------------------------
+# -- 2. decode floor ------------------------------------------------------------------------------
 def decode_pair(pair: Pair) -> None:
     image_path, mask_path = pair
     np.asarray(Image.open(io.BytesIO(image_path.read_bytes())).convert("RGB"))
@@ -83,7 +83,7 @@ def time_floor(pool: ThreadPoolExecutor, pairs: list[Pair]) -> float:
     return time.perf_counter() - t0
 
 
-# -- 3. segflow -------------------------------------------------------------------------------------
+# -- 3. segflow -----------------------------------------------------------------------------------
 def predictions_folder(pairs: list[Pair], tmp: Path) -> Path:
     """True masks as a predictions folder: ``<tmp>/preds/masks/<id>_segmentation.png``."""
     masks = tmp / "preds" / "masks"
@@ -106,7 +106,7 @@ def time_segflow(preds: Path, source: Path, n: int) -> float:
     return seconds
 
 
-# -- main -------------------------------------------------------------------------------------------
+# -- main -----------------------------------------------------------------------------------------
 def run(data: Path, repeats: int) -> dict:
     root = data / "isic2017" / "fullres"
     pairs = find_pairs(root)

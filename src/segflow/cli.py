@@ -55,6 +55,28 @@ def _storage(endpoint_url: str | None) -> dict[str, Any] | None:
     return {"endpoint_url": endpoint_url} if endpoint_url else None
 
 
+def _storage_options(endpoint_url: str | None):
+    from segflow.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=endpoint_url) if endpoint_url else None
+
+
+def _options(config: Path | None, **flags: Any) -> dict[str, Any]:
+    """For commands without a stage config: YAML values, then the flags that were given."""
+    from segflow.config import read_yaml
+
+    opts = read_yaml(config) if config else {}
+    opts.update({k: v for k, v in flags.items() if v is not None})
+    return opts
+
+
+def _require(opts: dict[str, Any], command: str, *names: str) -> None:
+    missing = [n for n in names if not opts.get(n)]
+    if missing:
+        flags = ", ".join(f"--{n.replace('_', '-')}" for n in missing)
+        raise SegflowError(f"{command} needs {flags} (or the same keys in --config)")
+
+
 @app.command()
 def ingest(
     layout: Annotated[
@@ -235,19 +257,23 @@ def _progress_bar():
 
 @app.command()
 def evaluate(
-    predictions: Annotated[str, typer.Option(help="URL of the predicted masks")],
-    truth: Annotated[str, typer.Option(help="URL of the ground-truth masks")],
-    layout: Annotated[str, typer.Option(help="isic | folder")] = "isic",
+    predictions: Annotated[str | None, typer.Option(help="URL of the predicted masks")] = None,
+    truth: Annotated[str | None, typer.Option(help="URL of the ground-truth masks")] = None,
+    layout: Annotated[str | None, typer.Option(help="isic | folder", show_default="isic")] = None,
     endpoint_url: StorageOpt = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score predicted masks against the truth at the truth's resolution."""
     from segflow.evaluate import evaluate as run_evaluate
-    from segflow.storage import StorageOptions
 
     _setup_logging(as_json)
-    opts = StorageOptions(endpoint_url=endpoint_url) if endpoint_url else None
-    r = run_evaluate(predictions, truth, layout=layout, storage=opts)
+    opts = _options(config, predictions=predictions, truth=truth, layout=layout)
+    _require(opts, "evaluate", "predictions", "truth")
+    r = run_evaluate(
+        opts["predictions"], opts["truth"], layout=opts.get("layout", "isic"),
+        storage=_storage_options(endpoint_url),
+    )  # fmt: skip
     human = (
         f"{r.n} images: Dice {r.mean_dice:.4f}, Jaccard {r.mean_jaccard:.4f}, thresholded "
         f"Jaccard {r.mean_thresholded_jaccard:.4f} (per image: {r.per_image_csv})"
@@ -257,18 +283,22 @@ def evaluate(
 
 @app.command("export-rle")
 def export_rle(
-    predictions: Annotated[str, typer.Option(help="URL of the predicted masks")],
-    out: Annotated[str, typer.Option(help="CSV file to write (Kaggle: img,pixels)")],
-    layout: Annotated[str, typer.Option(help="isic | folder")] = "folder",
+    predictions: Annotated[str | None, typer.Option(help="URL of the predicted masks")] = None,
+    out: Annotated[str | None, typer.Option(help="CSV to write (Kaggle: img,pixels)")] = None,
+    layout: Annotated[str | None, typer.Option(help="isic | folder", show_default="folder")] = None,
     endpoint_url: StorageOpt = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a Kaggle run-length-encoded submission CSV from predicted masks."""
     from segflow.rle import export_rle as run_export
-    from segflow.storage import StorageOptions
 
-    opts = StorageOptions(endpoint_url=endpoint_url) if endpoint_url else None
-    r = run_export(predictions, out, storage=opts, layout=layout)
+    opts = _options(config, predictions=predictions, out=out, layout=layout)
+    _require(opts, "export-rle", "predictions", "out")
+    r = run_export(
+        opts["predictions"], opts["out"], storage=_storage_options(endpoint_url),
+        layout=opts.get("layout", "folder"),
+    )  # fmt: skip
     _emit(r, as_json, f"wrote {r['n']} rows ({r['empty']} empty masks) to {r['out']}")
 
 
