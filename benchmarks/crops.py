@@ -6,12 +6,13 @@ masks standing in for predicted ones, it times:
 1. naive: the seed's loop: one process, OpenCV ``findContours``, a bounding rectangle per
    contour, each crop written to the image's one output file (the last contour wins);
 2. decode floor: every core (a thread pool) fully decoding image and mask, nothing written;
-3. segflow: ``segflow.crops.make_crops`` (mode masked, PNG) into a fresh folder.
+3. segflow: ``segflow.crops.make_crops`` (mode masked, ``--format``, PNG by default) into a
+   fresh folder.
 
 Each is repeated ``--repeats`` times, interleaved, and the best (shortest) is reported. Target:
 segflow is at least 0.8x the decode floor.
 
-    python benchmarks/crops.py [--repeats 3] [--json] [--data DIR]
+    python benchmarks/crops.py [--repeats 3] [--format png|jpeg] [--json] [--data DIR]
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ def predictions_folder(pairs: list[Pair], tmp: Path) -> Path:
     return tmp / "preds"
 
 
-def time_segflow(preds: Path, source: Path, n: int) -> float:
+def time_segflow(preds: Path, source: Path, n: int, fmt: str) -> float:
     from segflow.crops import CropsConfig, make_crops
 
     with tempfile.TemporaryDirectory(prefix="segflow-bench-crops-") as tmp:
-        cfg = CropsConfig(predictions=str(preds), source=str(source), out=tmp, mode="masked")
+        cfg = CropsConfig(
+            predictions=str(preds), source=str(source), out=tmp, mode="masked", format=fmt
+        )
         t0 = time.perf_counter()
         result = make_crops(cfg)
         seconds = time.perf_counter() - t0
@@ -107,7 +110,7 @@ def time_segflow(preds: Path, source: Path, n: int) -> float:
 
 
 # -- main -----------------------------------------------------------------------------------------
-def run(data: Path, repeats: int) -> dict:
+def run(data: Path, repeats: int, fmt: str = "png") -> dict:
     root = data / "isic2017" / "fullres"
     pairs = find_pairs(root)
     if not pairs:
@@ -118,16 +121,17 @@ def run(data: Path, repeats: int) -> dict:
         preds = predictions_folder(pairs, Path(tmp))
         with ThreadPoolExecutor(cores()) as pool:
             list(pool.map(decode_pair, pairs[: 2 * cores()]))  # warm up: page cache, threads
-            time_segflow(preds, root / "images", n)  # warm up: lazy imports of Dask
+            time_segflow(preds, root / "images", n, fmt)  # warm up: lazy imports of Dask
             for _ in range(repeats):  # interleaved, so background load hits all alike
                 runs["naive"].append(time_naive(pairs))
                 runs["floor"].append(time_floor(pool, pairs))
-                runs["segflow"].append(time_segflow(preds, root / "images", n))
+                runs["segflow"].append(time_segflow(preds, root / "images", n, fmt))
     rate = {k: n / min(v) for k, v in runs.items()}
     return {
         "images": n,
         "cores": cores(),
         "repeats": repeats,
+        "format": fmt,
         "img_per_s": {k: round(v, 2) for k, v in rate.items()},
         "segflow_vs_floor": round(rate["segflow"] / rate["floor"], 3),
         "segflow_vs_naive": round(rate["segflow"] / rate["naive"], 3),
@@ -139,17 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--format", choices=("png", "jpeg"), default="png")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    report = run(args.data, args.repeats)
+    report = run(args.data, args.repeats, args.format)
     if args.json:
         print(json.dumps(report))
     elif "skipped" in report:
         print(f"skipped: {report['skipped']}")
     else:
-        print(f"{report['images']} images, {report['cores']} cores, best of {args.repeats}")
+        print(
+            f"{report['images']} images, {report['cores']} cores, best of {args.repeats}, "
+            f"segflow mode masked, {args.format}"
+        )
         for name, value in report["img_per_s"].items():
             print(f"  {name:8s} {value:8.2f} img/s")
         print(

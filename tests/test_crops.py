@@ -246,6 +246,13 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     }
 
 
+def _n_done(out: Path) -> int:
+    """Committed done records (pathlib's glob also matches in-flight ``.tmp-`` files)."""
+    folder = out / "_done"
+    names = [p.name for p in folder.glob("*.json")] if folder.is_dir() else []
+    return sum(not n.startswith(".tmp-") for n in names)
+
+
 def test_resume_after_sigkill(local, tmp_path):
     preds, source = local.store("preds"), local.store("src")
     _write_dataset(preds, source, 60)
@@ -256,14 +263,11 @@ def test_resume_after_sigkill(local, tmp_path):
         env=env,
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = list((killed / "_done").glob("*.json")) if (killed / "_done").is_dir() else []
-        if len(done) >= 5:
-            break
+    while time.monotonic() < deadline and proc.poll() is None and _n_done(killed) < 5:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    n_before = len(list((killed / "_done").glob("*.json")))
+    n_before = _n_done(killed)
     assert 5 <= n_before < 60, "the kill should land mid-run"
     assert not (killed / "crops.csv").exists()
 
