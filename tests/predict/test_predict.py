@@ -156,15 +156,6 @@ def test_dataset_input_and_probabilities(ensemble, tmp_path):
     assert probs.shape == (16, 32, 32) and probs.dtype == np.uint8
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_predict_on_local_ray(ensemble, tmp_path, local_ray):
     models, _ = ensemble
     shapes = _raw_archive(tmp_path / "raw", 5)

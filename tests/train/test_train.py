@@ -131,15 +131,6 @@ def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_folds_run_concurrently_on_local_ray(tiny_dataset, local, local_ray):
     cfg = small_config(tiny_dataset, local.url("models"), executor="ray", epochs=1)
     res = train(cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from segflow.predict.config import PredictConfig
@@ -36,17 +35,10 @@ def run_on_ray(cfg: PredictConfig, ctx, todo: list[dict], report) -> list[int]:
     import ray
     from ray.util import ActorPool
 
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray_address,
-            num_cpus=None if cfg.ray_address else len(os.sched_getaffinity(0)),
-            include_dashboard=False,
-            configure_logging=False,
-        )
-    resources = ray.cluster_resources()
-    gpus = cfg.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    from segflow.cluster import connect_ray, gpus_per_task
+
+    resources = connect_ray(cfg.ray_address)
+    gpus = gpus_per_task(cfg.gpus_per_worker, resources)
     n = cfg.workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1e-9))) if gpus else 1)
     cpus = max(1, int(resources.get("CPU", 1)) // n)
     actor = ray.remote(Predictor).options(num_gpus=gpus, num_cpus=cpus, max_restarts=1)

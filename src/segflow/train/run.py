@@ -4,7 +4,6 @@ task, ``num_gpus=gpus_per_fold``), or in-process with ``executor="inline"``."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -86,18 +85,10 @@ def _remote_fold(cfg: TrainConfig, fold: int, cpus: int) -> FoldResult:
 def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray_address,
-            num_cpus=None if cfg.ray_address else _cores(),
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
-    resources = ray.cluster_resources()
-    gpus = cfg.gpus_per_fold
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    from segflow.cluster import connect_ray, gpus_per_task
+
+    resources = connect_ray(cfg.ray_address)
+    gpus = gpus_per_task(cfg.gpus_per_fold, resources)
     cpus = cfg.cpus_per_fold or max(1, int(resources.get("CPU", 1)) // len(fold_ids))
     task = ray.remote(_remote_fold)
     opts = {"num_gpus": gpus, "num_cpus": cpus, "max_retries": cfg.max_retries}
@@ -115,7 +106,3 @@ def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
             detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()
             results.append(FoldResult(fold, "failed", error=detail[-2000:]))
     return results
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))

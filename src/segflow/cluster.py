@@ -1,0 +1,27 @@
+"""Connecting to Ray: the local machine by default, or a cluster address."""
+
+from __future__ import annotations
+
+import os
+
+
+def connect_ray(address: str | None) -> dict[str, float]:
+    """Start or join Ray once per process; returns the cluster's resources (CPU, GPU...)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=address,  # None: a local Ray on this machine; "auto" / "ray://host:10001"
+            num_cpus=None if address else len(os.sched_getaffinity(0)),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    return ray.cluster_resources()
+
+
+def gpus_per_task(requested: float | None, resources: dict[str, float]) -> float:
+    """The GPUs a task asks for: as requested, else one where the cluster has GPUs, else 0."""
+    if requested is not None:
+        return requested
+    return 1.0 if resources.get("GPU", 0) > 0 else 0.0
