@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def connect_ray(address: str | None) -> dict[str, float]:
     """Start or join Ray once per process; returns the cluster's resources (CPU, GPU...)."""
     import ray
@@ -12,7 +17,7 @@ def connect_ray(address: str | None) -> dict[str, float]:
     if not ray.is_initialized():
         ray.init(
             address=address,  # None: a local Ray on this machine; "auto" / "ray://host:10001"
-            num_cpus=None if address else len(os.sched_getaffinity(0)),
+            num_cpus=None if address else cpu_count(),
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,

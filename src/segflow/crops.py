@@ -32,15 +32,15 @@ from PIL import Image
 from pydantic import Field
 from scipy import ndimage
 
+from segflow.cluster import cpu_count
 from segflow.config import StageConfig
 from segflow.errors import InputError
-from segflow.imaging import Rejected, decode_image, decode_mask
+from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, decode_mask
 from segflow.storage import FileInfo, StorageError, Store, sha256_json
 
 log = logging.getLogger("segflow.crops")
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MODES = {"crop": ("crop",), "masked": ("masked",), "mask": ("mask",)}
 MODES["all"] = ("crop", "masked", "mask")
 DONE = "_done"
@@ -382,7 +382,7 @@ def _run(todo: list[Item], ctx: Context, cfg: CropsConfig) -> list[dict[str, Any
 
     # Decoding and encoding release the GIL and workers also wait on storage: 2 threads per
     # core keep the cores busy while some threads wait on reads and writes.
-    workers = cfg.workers or 2 * _cores()
+    workers = cfg.workers or 2 * cpu_count()
     size = max(1, min(16, -(-len(todo) // (4 * workers))))  # ~4 tasks per worker
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     tasks = [dask.delayed(process_batch, pure=False)(b, ctx) for b in batches]
@@ -394,10 +394,6 @@ def _run(todo: list[Item], ctx: Context, cfg: CropsConfig) -> list[dict[str, Any
     else:
         results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
     return [row for batch in results for row in batch]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def process_batch(items: list[Item], ctx: Context) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import posixpath
 import re
 from collections.abc import Iterable
@@ -21,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from segflow.cluster import cpu_count
 from segflow.errors import ConfigError, InputError, SegflowError
 from segflow.geometry import place
-from segflow.imaging import Rejected, decode_mask, mask_to_frame
+from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_mask, mask_to_frame
 from segflow.storage import StorageOptions, Store, iter_batches
 
 LAYOUTS = ("isic", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 CSV_COLUMNS = (
@@ -173,7 +172,7 @@ def _score_all(
 ) -> list[_Row]:
     import dask
 
-    workers = workers or _cores()
+    workers = workers or cpu_count()
     # ~4 batches per worker balances mixed image sizes; a cap of 32 keeps memory per task small.
     size = max(1, min(32, -(-len(pairs) // (4 * workers))))
     tasks = [
@@ -241,10 +240,6 @@ def _score(id_: str, pred: np.ndarray, truth: np.ndarray, resized: bool, missing
         resized=resized,
         missing=missing,
     )
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -- outputs ------------------------------------------------------------------------------------

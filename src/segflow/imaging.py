@@ -28,6 +28,8 @@ REASONS = (
     "error",
 )
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: file names every stage treats as images (or masks)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 # EXIF orientations 5..8 swap width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
 

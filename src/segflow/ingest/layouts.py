@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from segflow.errors import ConfigError
+from segflow.imaging import IMAGE_SUFFIXES
 from segflow.ingest.config import IngestConfig
 from segflow.storage import FileInfo, Store
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 _ISIC_MASK = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
 _ISIC_SKIP = re.compile(r"_(superpixels|segmentation)$", re.IGNORECASE)
 _NERVE_TRAIN = re.compile(r"^(?P<subject>\d+)_(?P<n>\d+)$")

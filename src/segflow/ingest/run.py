@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from segflow import __version__
+from segflow.cluster import cpu_count
 from segflow.ingest.config import IngestConfig
 from segflow.ingest.dataset import Index, create_or_check, ensure_capacity, read_index, write_index
 from segflow.ingest.layouts import RowSpec, discover
@@ -165,7 +166,7 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
 
     # Decoding releases the GIL and workers also wait on storage: 2 threads per core keep the
     # cores busy while half of the threads wait on writes.
-    workers = cfg.workers or 2 * _cores()
+    workers = cfg.workers or 2 * cpu_count()
     # ~4 tasks per worker: enough to balance mixed image sizes, few enough to amortise overhead
     size = cfg.batch_size or max(1, min(32, -(-len(todo) // (4 * workers))))
     batches = _pack(todo, size)
@@ -188,12 +189,6 @@ def _pack(slots: list[Slot], size: int) -> list[list[Slot]]:
             batches.append([])
         batches[-1].append(s)
     return [b for b in batches if b]
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -- finalize -------------------------------------------------------------------------------------

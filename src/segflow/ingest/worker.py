@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from segflow.geometry import Placement, place
+from segflow.geometry import Placement, place, to_frame
 from segflow.imaging import (
     Rejected,
     align_mask,
@@ -163,8 +163,6 @@ def _decode_luna(slots: list[Slot], ctx: WorkerContext):
         plane = hu[s.extra["z"]]
         mask = draw_ellipses(plane.shape, s.extra["ellipses"])
         placement = place(plane.shape, ctx.size, ctx.resize)  # type: ignore[arg-type]
-        from segflow.geometry import to_frame
-
         image = to_frame(Image.fromarray(window(plane, *ctx.hu_window)), placement)
         image = np.repeat(image[..., None], 3, axis=-1)
         meta = _meta(ctx, s, placement, 1, sha256_bytes(plane.tobytes(), mask.tobytes()), [])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from segflow.errors import InputError
 from segflow.predict.tta import tta_mean
 from segflow.storage import Store
-from segflow.train.model import ModelSpec, load_model, load_spec
+from segflow.train.model import ModelSpec, load_model, load_spec, normalise, resize_input
 
 
 @dataclass
@@ -51,12 +51,7 @@ class Ensemble:
 
 def _prepare(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """Exactly the training-time input path: resize to the input size, then normalise."""
-    h, w = spec.input_size
-    if tuple(x.shape[-2:]) != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise(resize_input(x, spec), spec)
 
 
 def finished_folds(models: Store) -> list[int]:

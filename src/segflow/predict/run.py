@@ -12,9 +12,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-import os
 import posixpath
 import time
 from collections.abc import Callable, Iterator
@@ -25,18 +25,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segflow.cluster import cpu_count
 from segflow.errors import InputError
 from segflow.geometry import Placement, from_frame, place
-from segflow.imaging import Rejected, decode_image, image_to_frame
+from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, image_to_frame
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
 from segflow.predict.postprocess import postprocess
-from segflow.storage import Store
+from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.predict")
 SHARDS = "_shards"
 MANIFEST = f"{SHARDS}/manifest.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _MASK_HINTS = ("_segmentation", "_mask", "_superpixels")
 
 
@@ -118,7 +118,7 @@ def run_shard(ctx: ShardContext, ensemble: Ensemble, shard: dict[str, Any]) -> d
     """Predict one shard and commit it; returns its done-marker payload."""
     cfg, out = ctx.cfg, Store(ctx.cfg.out, ctx.cfg.storage)
     t0 = time.perf_counter()
-    threads = cfg.io_threads or max(2, len(os.sched_getaffinity(0)))
+    threads = cfg.io_threads or max(2, cpu_count())
     outputs, errors, probs_rows = [], [], []
     with ThreadPoolExecutor(threads) as readers, ThreadPoolExecutor(threads) as writers:
         pending = []
@@ -180,12 +180,16 @@ def _load(ctx: ShardContext, ensemble: Ensemble, item: list[str]) -> dict[str, A
         return {"id": image_id, "error": f"{type(e).__name__}: {e}"}
 
 
-def _load_row(ctx: ShardContext, image_id: str, row: int, name: str) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4)
+def _dataset_group(url: str, storage: StorageOptions):
+    """Opened once per process: every row of a shard reads from the same group."""
     import zarr
 
-    group = zarr.open_group(
-        Store(ctx.cfg.dataset, ctx.cfg.storage).zarr_store(read_only=True), mode="r"
-    )  # type: ignore[arg-type]
+    return zarr.open_group(Store(url, storage).zarr_store(read_only=True), mode="r")
+
+
+def _load_row(ctx: ShardContext, image_id: str, row: int, name: str) -> dict[str, Any]:
+    group = _dataset_group(ctx.cfg.dataset, ctx.cfg.storage)  # type: ignore[arg-type]
     size = tuple(group.attrs["size"])
     orig = tuple(int(v) for v in group["orig_size"][row])
     box = tuple(int(v) for v in group["pad_box"][row])
@@ -240,6 +244,7 @@ def resolve_choice(cfg: PredictConfig) -> tuple[float, str]:
 
 def predict(cfg: PredictConfig, progress: Callable[[int, int, float], None] | None = None):
     t0 = time.perf_counter()
+    _dataset_group.cache_clear()  # a dataset may have grown since an earlier run in this process
     out = Store(cfg.out, cfg.storage)
     items = list_inputs(cfg)
     shards = plan_shards(out, items, cfg.shard_size)

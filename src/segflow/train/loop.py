@@ -9,7 +9,6 @@ import csv
 import io
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segflow.cluster import cpu_count
 from segflow.ingest.dataset import Dataset
 from segflow.metrics import per_image_scores
 from segflow.storage import Store
@@ -29,9 +29,11 @@ from segflow.train.model import (
     ModelSpec,
     build_model,
     load_checkpoint,
+    resize_input,
     save_spec,
     save_weights,
 )
+from segflow.train.model import normalise as normalise_input
 from segflow.train.splits import fold_indices, load_or_create_splits
 
 log = logging.getLogger("segflow.train")
@@ -282,19 +284,16 @@ def to_device(run: Run, images: np.ndarray, masks: np.ndarray):
     y = torch.from_numpy(masks).to(run.device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255)
     y = y[:, None].float()
-    h, w = run.spec.input_size
-    if x.shape[-2:] != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        y = F.interpolate(y, size=(h, w), mode="nearest")
+    x = resize_input(x, run.spec)
+    if y.shape[-2:] != x.shape[-2:]:
+        y = F.interpolate(y, size=tuple(x.shape[-2:]), mode="nearest")
     if run.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
 
 def normalise(run: Run, x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(run.spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(run.spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise_input(x, run.spec)
 
 
 def _full_state(run: Run) -> dict[str, Any]:
@@ -386,5 +385,5 @@ def ensure_oof_array(models: Store, dataset: Dataset) -> None:
 
 def set_threads(cpus: int | None) -> None:
     """Concurrent folds on one CPU machine must share its cores, not each take all of them."""
-    n = cpus or len(os.sched_getaffinity(0))
+    n = cpus or cpu_count()
     torch.set_num_threads(max(1, n))

@@ -12,6 +12,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from segflow import __version__
@@ -41,6 +42,20 @@ class ModelSpec(BaseModel):
     threshold: float = 0.5
     encoder_weights: str | None = None  # where the initial encoder weights came from
     segflow_version: str = __version__
+
+
+def resize_input(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """[0, 1] RGB (B, 3, h, w) -> the network's input size (antialiased bilinear)."""
+    h, w = spec.input_size
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def normalise(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
