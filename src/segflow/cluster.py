@@ -1,4 +1,9 @@
-"""Connecting to Ray: the local machine by default, or a cluster address."""
+"""Connecting to Ray and Dask: the local machine by default, or a cluster address.
+
+A cluster is named by the config (``ray_address``, ``dask_address``) or, when the config leaves
+it unset, by the standard variables ``RAY_ADDRESS`` and ``DASK_SCHEDULER_ADDRESS`` (how a
+Prefect worker in docker-compose or Kubernetes points every stage at the cluster).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ def connect_ray(address: str | None) -> dict[str, float]:
     """Start or join Ray once per process; returns the cluster's resources (CPU, GPU...)."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         ray.init(
             address=address,  # None: a local Ray on this machine; "auto" / "ray://host:10001"
@@ -30,3 +36,9 @@ def gpus_per_task(requested: float | None, resources: dict[str, float]) -> float
     if requested is not None:
         return requested
     return 1.0 if resources.get("GPU", 0) > 0 else 0.0
+
+
+def dask_address(configured: str | None) -> str | None:
+    """The Dask scheduler to use: the config's, else ``DASK_SCHEDULER_ADDRESS``, else None
+    (the local threaded scheduler)."""
+    return configured or os.environ.get("DASK_SCHEDULER_ADDRESS") or None

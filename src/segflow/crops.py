@@ -32,7 +32,7 @@ from PIL import Image
 from pydantic import Field
 from scipy import ndimage
 
-from segflow.cluster import cpu_count
+from segflow.cluster import cpu_count, dask_address
 from segflow.config import StageConfig
 from segflow.errors import InputError
 from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, decode_mask
@@ -386,10 +386,10 @@ def _run(todo: list[Item], ctx: Context, cfg: CropsConfig) -> list[dict[str, Any
     size = max(1, min(16, -(-len(todo) // (4 * workers))))  # ~4 tasks per worker
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     tasks = [dask.delayed(process_batch, pure=False)(b, ctx) for b in batches]
-    if cfg.dask_address:
+    if address := dask_address(cfg.dask_address):
         from distributed import Client
 
-        with Client(cfg.dask_address) as client:
+        with Client(address) as client:
             results = client.compute(tasks, sync=True)
     else:
         results = dask.compute(*tasks, scheduler="threads", num_workers=workers)

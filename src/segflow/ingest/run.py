@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from segflow import __version__
-from segflow.cluster import cpu_count
+from segflow.cluster import cpu_count, dask_address
 from segflow.ingest.config import IngestConfig
 from segflow.ingest.dataset import Index, create_or_check, ensure_capacity, read_index, write_index
 from segflow.ingest.layouts import RowSpec, discover
@@ -171,10 +171,10 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
     size = cfg.batch_size or max(1, min(32, -(-len(todo) // (4 * workers))))
     batches = _pack(todo, size)
     tasks = [dask.delayed(process_batch, pure=False)(b, ctx) for b in batches]
-    if cfg.dask_address:
+    if address := dask_address(cfg.dask_address):
         from distributed import Client
 
-        with Client(cfg.dask_address) as client:
+        with Client(address) as client:
             client.compute(tasks, sync=True)
     else:
         dask.compute(*tasks, scheduler="threads", num_workers=workers)
