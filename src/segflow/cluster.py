@@ -8,6 +8,9 @@ Prefect worker in docker-compose or Kubernetes points every stage at the cluster
 from __future__ import annotations
 
 import os
+import threading
+
+_RAY_LOCK = threading.Lock()  # concurrent Prefect tasks must not race to start Ray twice
 
 
 def cpu_count() -> int:
@@ -20,14 +23,15 @@ def connect_ray(address: str | None) -> dict[str, float]:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
-        ray.init(
-            address=address,  # None: a local Ray on this machine; "auto" / "ray://host:10001"
-            num_cpus=None if address else cpu_count(),
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+    with _RAY_LOCK:
+        if not ray.is_initialized():
+            ray.init(
+                address=address,  # None: a local Ray here; "auto" / "ray://host:10001"
+                num_cpus=None if address else cpu_count(),
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+            )
     return ray.cluster_resources()
 
 

@@ -27,11 +27,11 @@ from PIL import Image
 
 from segflow.cluster import cpu_count
 from segflow.errors import InputError
-from segflow.geometry import Placement, from_frame, place
+from segflow.geometry import Placement, place
 from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, image_to_frame
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
-from segflow.predict.postprocess import postprocess
+from segflow.predict.postprocess import full_size_mask
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.predict")
@@ -61,14 +61,17 @@ class PredictResult:
 
 # -- inputs -------------------------------------------------------------------------------------
 def list_inputs(cfg: PredictConfig) -> list[list[str]]:
-    """``[id, ref, output name]`` for every input, sorted by id; ``ref`` is a row index (as a
-    string) for a dataset, or a path relative to the source."""
+    """``[id, ref, output name, fingerprint]`` for every input, sorted by id; ``ref`` is a row
+    index (as a string) for a dataset, or a path relative to the source; ``fingerprint``
+    changes when the input's content may have (the row's content hash, or the object's
+    ETag/mtime and size)."""
     if cfg.dataset:
         from segflow.ingest.dataset import Dataset
 
         ds = Dataset(Store(cfg.dataset, cfg.storage))
         isic = ds.attrs.get("layout") == "isic"
-        return [[i, str(k), _out_name(i, isic)] for k, i in enumerate(ds.ids)]
+        hashes = ds.column("content_hashes")
+        return [[i, str(k), _out_name(i, isic), str(hashes[k])] for k, i in enumerate(ds.ids)]
     import fnmatch
 
     items = []
@@ -79,7 +82,7 @@ def list_inputs(cfg: PredictConfig) -> list[list[str]]:
         if cfg.layout == "folder" and not fnmatch.fnmatch(f.rel, cfg.image_glob):
             continue
         image_id = posixpath.basename(stem) if cfg.layout != "folder" else stem
-        items.append([image_id, f.rel, _out_name(image_id, cfg.layout == "isic")])
+        items.append([image_id, f.rel, _out_name(image_id, cfg.layout == "isic"), f.fingerprint])
     if not items:
         raise InputError(f"no images found under {cfg.source} (layout {cfg.layout})")
     return sorted(items)
@@ -90,15 +93,26 @@ def _out_name(image_id: str, isic: bool) -> str:
 
 
 def plan_shards(out: Store, items: list[list[str]], size: int) -> list[dict[str, Any]]:
-    """Keep the shards already planned; pack inputs not in any shard into new ones."""
+    """Keep the shards already planned; pack inputs not in any shard into new ones. An input
+    whose fingerprint changed stays in its shard, and that shard is marked to run again."""
     manifest = out.read_json(MANIFEST) if out.exists(MANIFEST) else {"shards": []}
     shards = manifest["shards"]
-    known = {item[0] for s in shards for item in s["items"]}
-    fresh = [it for it in items if it[0] not in known]
+    where = {item[0]: (s, j) for s in shards for j, item in enumerate(s["items"])}
+    fresh, changed = [], set()
+    for it in items:
+        if it[0] not in where:
+            fresh.append(it)
+            continue
+        shard, j = where[it[0]]
+        if shard["items"][j] != it:  # moved or rewritten since it was predicted
+            shard["items"][j] = it
+            changed.add(shard["shard"])
     for start in range(0, len(fresh), size):
         shards.append({"shard": len(shards), "items": fresh[start : start + size]})
-    if fresh or not out.exists(MANIFEST):
+    if fresh or changed or not out.exists(MANIFEST):
         out.write_json(MANIFEST, {"shard_size": size, "shards": shards})
+    for k in sorted(changed):  # after the manifest: a crash in between reruns, never skips
+        out.clear_marker(shard_marker(k))
     return shards
 
 
@@ -162,7 +176,7 @@ def _batches(pool, ctx: ShardContext, ensemble: Ensemble, items) -> Iterator[lis
 
 
 def _load(ctx: ShardContext, ensemble: Ensemble, item: list[str]) -> dict[str, Any]:
-    image_id, ref, name = item
+    image_id, ref, name = item[:3]  # [3], the fingerprint, only matters to the planner
     spec = ensemble.spec
     try:
         if ctx.cfg.dataset:
@@ -198,8 +212,7 @@ def _load_row(ctx: ShardContext, image_id: str, row: int, name: str) -> dict[str
 
 
 def _write_mask(out: Store, ctx: ShardContext, item: dict, prob: np.ndarray) -> dict[str, Any]:
-    full = from_frame(prob.astype(np.float32), item["placement"], nearest=False)
-    mask = postprocess(full >= ctx.threshold, ctx.postprocess)
+    mask = full_size_mask(prob, item["placement"], ctx.threshold, ctx.postprocess)
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, "PNG")
     rel = f"masks/{item['name']}"
@@ -242,36 +255,53 @@ def resolve_choice(cfg: PredictConfig) -> tuple[float, str]:
     return float(threshold), str(method)
 
 
+def plan_prediction(cfg: PredictConfig) -> tuple[list[dict[str, Any]], ShardContext]:
+    """List the inputs, (re)plan the shards, and resolve the threshold and post-processing."""
+    _dataset_group.cache_clear()  # a dataset may have grown since an earlier run in this process
+    items = list_inputs(cfg)
+    shards = plan_shards(Store(cfg.out, cfg.storage), items, cfg.shard_size)
+    threshold, method = resolve_choice(cfg)
+    return shards, ShardContext(cfg, threshold, method)
+
+
+def pending_shards(cfg: PredictConfig, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = Store(cfg.out, cfg.storage)
+    return [s for s in shards if out.read_marker(shard_marker(s["shard"])) is None]
+
+
 def predict(cfg: PredictConfig, progress: Callable[[int, int, float], None] | None = None):
     t0 = time.perf_counter()
-    _dataset_group.cache_clear()  # a dataset may have grown since an earlier run in this process
-    out = Store(cfg.out, cfg.storage)
-    items = list_inputs(cfg)
-    shards = plan_shards(out, items, cfg.shard_size)
-    todo = [s for s in shards if out.read_marker(shard_marker(s["shard"])) is None]
-    threshold, method = resolve_choice(cfg)
-    ctx = ShardContext(cfg, threshold, method)
-    log.info("predict: %d inputs in %d shards, %d to run", len(items), len(shards), len(todo))
+    shards, ctx = plan_prediction(cfg)
+    todo = pending_shards(cfg, shards)
+    todo_images = sum(len(s["items"]) for s in todo)
+    log.info("predict: %d shards, %d to run (%d images)", len(shards), len(todo), todo_images)
     done_images = 0
 
     def report(payload: dict[str, Any]) -> None:
         nonlocal done_images
         done_images += len(payload["outputs"]) + len(payload["errors"])
         rate = done_images / max(time.perf_counter() - t0, 1e-9)
-        todo_images = sum(len(s["items"]) for s in todo)
         log.info("predict: %d/%d images (%.1f img/s)", done_images, todo_images, rate)
         if progress:
             progress(done_images, todo_images, rate)
 
     folds = _run(cfg, ctx, todo, report)
+    return summarize(ctx, shards, folds, len(todo), done_images, time.perf_counter() - t0)
+
+
+def summarize(
+    ctx: ShardContext, shards: list[dict], folds: list[int], shards_run: int, images_run: int,
+    seconds: float,
+) -> PredictResult:  # fmt: skip
+    """Gather the shards' markers into ``predictions.json`` (written last)."""
+    cfg, out = ctx.cfg, Store(ctx.cfg.out, ctx.cfg.storage)
     markers = [out.read_marker(shard_marker(s["shard"])) or {} for s in shards]
     errors = [e for m in markers for e in m.get("errors", [])]
-    seconds = time.perf_counter() - t0
     result = PredictResult(
         out=out.url, n_images=sum(len(m.get("outputs", [])) for m in markers),
-        n_shards=len(shards), shards_run=len(todo), n_errors=len(errors), folds=folds,
-        tta=cfg.tta, threshold=threshold, postprocess=method,
-        images_per_s=round(done_images / seconds, 2) if todo else 0.0,
+        n_shards=len(shards), shards_run=shards_run, n_errors=len(errors), folds=folds,
+        tta=cfg.tta, threshold=ctx.threshold, postprocess=ctx.postprocess,
+        images_per_s=round(images_run / seconds, 2) if shards_run else 0.0,
         seconds=round(seconds, 2), errors=errors[:100],
     )  # fmt: skip
     out.write_json("predictions.json", {**result.to_dict(), "config": cfg.public_dict()})

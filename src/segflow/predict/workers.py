@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
+from segflow.cluster import connect_ray, cpu_count, gpus_per_task
 from segflow.predict.config import PredictConfig
 from segflow.storage import Store
 
@@ -35,8 +37,6 @@ def run_on_ray(cfg: PredictConfig, ctx, todo: list[dict], report) -> list[int]:
     import ray
     from ray.util import ActorPool
 
-    from segflow.cluster import connect_ray, gpus_per_task
-
     resources = connect_ray(cfg.ray_address)
     gpus = gpus_per_task(cfg.gpus_per_worker, resources)
     n = cfg.workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1e-9))) if gpus else 1)
@@ -51,3 +51,48 @@ def run_on_ray(cfg: PredictConfig, ctx, todo: list[dict], report) -> list[int]:
     for a in actors:
         ray.kill(a)
     return folds
+
+
+# -- one shard per call (the Prefect flow's predict-shard-<k> tasks) ---------------------------
+@functools.lru_cache(maxsize=2)
+def _cached_ensemble(models: str, storage, folds: tuple[int, ...] | None):
+    """Loaded once per process: Ray reuses its worker processes, so consecutive shards on a
+    worker skip the load."""
+    from segflow.predict.ensemble import load_ensemble
+
+    return load_ensemble(Store(models, storage), list(folds) if folds is not None else None)
+
+
+def _shard_task(ctx, shard: dict[str, Any], cpus: int) -> dict[str, Any]:
+    import torch
+
+    from segflow.predict.run import run_shard
+
+    torch.set_num_threads(max(1, cpus))
+    cfg = ctx.cfg
+    folds = tuple(cfg.fold_list()) if cfg.fold_list() is not None else None
+    return run_shard(ctx, _cached_ensemble(cfg.models, cfg.storage, folds), shard)
+
+
+def predict_shard(ctx, shard: dict[str, Any]) -> dict[str, Any]:
+    """Run one planned shard unless it is done; returns its done-marker payload. On Ray it is
+    one task asking for ``gpus_per_worker`` GPUs; ``executor="inline"`` runs it here."""
+    from segflow.predict.run import shard_marker
+
+    cfg = ctx.cfg
+    done = Store(cfg.out, cfg.storage).read_marker(shard_marker(shard["shard"]))
+    if done is not None:
+        return done
+    if cfg.executor == "inline":
+        return _shard_task(ctx, shard, cpu_count())
+    import ray
+
+    resources = connect_ray(cfg.ray_address)
+    gpus = gpus_per_task(cfg.gpus_per_worker, resources)
+    n = cfg.workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1e-9))) if gpus else 1)
+    cpus = max(1, int(resources.get("CPU", 1)) // n)
+    task = ray.remote(_shard_task).options(
+        name=f"predict-shard-{shard['shard']:04d}", num_gpus=gpus, num_cpus=cpus,
+        max_calls=0, max_retries=1, retry_exceptions=True,
+    )  # fmt: skip
+    return ray.get(task.remote(ctx, shard, cpus))

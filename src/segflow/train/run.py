@@ -36,25 +36,44 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
-    models = Store(cfg.models, cfg.storage)
-    dataset = Dataset(Store(cfg.dataset, cfg.storage))
-    if "masks" not in dataset.group or not dataset.column("has_mask").any():
-        raise ConfigError(f"dataset {cfg.dataset} has no masks; training needs labelled images")
-    fold_ids = _fold_ids(cfg)
-    # The driver writes the shared artifacts once, before any fold starts: no fold races another.
-    groups = [str(g) for g in dataset.column("groups")]
-    load_or_create_splits(models, dataset.ids, groups, cfg.folds, cfg.seed)
-    ensure_oof_array(models, dataset)
-    models.write_json("train_config.json", cfg.public_dict())
+    fold_ids = prepare_run(cfg)
     if cfg.executor == "inline":
         results = [_guarded(cfg, f) for f in fold_ids]
     else:
         results = _on_ray(cfg, fold_ids)
+    models = Store(cfg.models, cfg.storage)
     result = TrainResult(
         models.url, models.uri(SPLITS), results, round(time.perf_counter() - t0, 2)
     )
     models.write_json("train_summary.json", result.to_dict())
     return result
+
+
+def prepare_run(cfg: TrainConfig) -> list[int]:
+    """Write what every fold shares (the split, the OOF array, the config) and return the
+    folds to train. The driver does this once, before any fold starts: no fold races another."""
+    models = Store(cfg.models, cfg.storage)
+    dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    if "masks" not in dataset.group or not dataset.column("has_mask").any():
+        raise ConfigError(f"dataset {cfg.dataset} has no masks; training needs labelled images")
+    fold_ids = _fold_ids(cfg)
+    groups = [str(g) for g in dataset.column("groups")]
+    load_or_create_splits(models, dataset.ids, groups, cfg.folds, cfg.seed)
+    ensure_oof_array(models, dataset)
+    models.write_json("train_config.json", cfg.public_dict())
+    return fold_ids
+
+
+def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
+    """One fold, in-process (``executor="inline"``) or as one Ray task asking for
+    ``gpus_per_fold`` GPUs; raises when the fold fails after its retries. Call
+    :func:`prepare_run` first."""
+    if cfg.executor == "inline":
+        return fit_fold(cfg, fold)
+    import ray
+
+    ref = _submit(cfg, fold, len(_fold_ids(cfg)))
+    return ray.get(ref)
 
 
 def _fold_ids(cfg: TrainConfig) -> list[int]:
@@ -82,21 +101,27 @@ def _remote_fold(cfg: TrainConfig, fold: int, cpus: int) -> FoldResult:
     return fit_fold(cfg, fold)
 
 
-def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
+def _submit(cfg: TrainConfig, fold: int, n_concurrent: int):
     import ray
 
     from segflow.cluster import connect_ray, gpus_per_task
 
     resources = connect_ray(cfg.ray_address)
     gpus = gpus_per_task(cfg.gpus_per_fold, resources)
-    cpus = cfg.cpus_per_fold or max(1, int(resources.get("CPU", 1)) // len(fold_ids))
-    task = ray.remote(_remote_fold)
+    # concurrent folds on one machine share its cores instead of each taking all of them
+    cpus = cfg.cpus_per_fold or max(1, int(resources.get("CPU", 1)) // n_concurrent)
+    log.info("fold %d on Ray: %s GPU and %s CPU", fold, gpus, cpus)
     opts = {"num_gpus": gpus, "num_cpus": cpus, "max_retries": cfg.max_retries}
-    log.info("training folds %s on Ray: %s GPU and %s CPU per fold", fold_ids, gpus, cpus)
-    refs = {
-        f: task.options(name=f"train-fold-{f}", retry_exceptions=True, **opts).remote(cfg, f, cpus)
-        for f in fold_ids
-    }
+    task = ray.remote(_remote_fold).options(
+        name=f"train-fold-{fold}", retry_exceptions=True, **opts
+    )
+    return task.remote(cfg, fold, cpus)
+
+
+def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
+    import ray
+
+    refs = {f: _submit(cfg, f, len(fold_ids)) for f in fold_ids}
     results = []
     for fold, ref in refs.items():
         try:
