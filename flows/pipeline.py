@@ -6,6 +6,9 @@ from typing import Any
 
 from prefect import flow
 
+from flows.segment import segment_flow
+from flows.train import train_flow
+
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(
@@ -16,4 +19,8 @@ def pipeline_flow(
     out_url: str,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    raise NotImplementedError  # wired in the orchestration change (issue 6)
+    trained = train_flow(dataset_source, layout, models_url, config)
+    # segment with exactly the version just trained, not whatever "latest" is by then
+    segment_config = {**(config or {}), "version": trained["version"]}
+    segmented = segment_flow(source, models_url, out_url, segment_config)
+    return {"train": trained, "segment": segmented}

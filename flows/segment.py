@@ -6,10 +6,54 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from segflow.pipeline.artifacts import Progress, describe_run, publish_segmentation
+from segflow.pipeline.config import FlowConfig
+from tasks.common import route_logs, stored_in
+from tasks.segment import (
+    crop_masks,
+    evaluate_predictions,
+    plan_shards,
+    predict_shard,
+    resolve_model_version,
+    summarize_predictions,
+)
 
 
-@flow(name="segment", log_prints=True)
+@flow(
+    name="segment",
+    flow_run_name="segment",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+)
 def segment_flow(
     source: str, models_url: str, out_url: str, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    raise NotImplementedError  # wired in the orchestration change (issue 6)
+    route_logs()
+    cfg = FlowConfig.parse(config)
+    cached = stored_in(f"{out_url.rstrip('/')}/_prefect", cfg.storage)
+
+    version = cached(resolve_model_version)(models_url, cfg.version, cfg.storage)
+    predict_cfg = cfg.predict_config(version.models, source, out_url)
+    describe_run(
+        "segment",
+        {"source": source, "model version": version.id, "models": version.models, "out": out_url},
+        predict_cfg.public_dict(),
+    )
+    plan = cached(plan_shards)(predict_cfg, version)
+    progress = Progress(len(plan["shards"]), f"shards of {source} predicted")
+    futures = [cached(predict_shard).submit(predict_cfg, plan, s["shard"]) for s in plan["shards"]]
+    for done, _ in enumerate(as_completed(futures), start=1):
+        progress.update(done)
+    shards = [f.result() for f in futures]
+    summary = cached(summarize_predictions)(predict_cfg, plan, shards)
+    evaluation = None
+    if cfg.truth:
+        evaluation = cached(evaluate_predictions)(
+            cfg.truth, cfg.evaluate_layout(), cfg.storage, summary
+        )
+    crops = cached(crop_masks)(cfg.crops_config(out_url, source, out_url), plan, summary)
+    publish_segmentation(summary, evaluation, crops)
+    return {"version": version.id, "predictions": summary, "evaluation": evaluation, "crops": crops}

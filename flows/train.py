@@ -6,10 +6,63 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from segflow.pipeline.artifacts import describe_run, publish_training
+from segflow.pipeline.config import FlowConfig
+from segflow.pipeline.stages import training_run
+from tasks.common import route_logs, stored_in
+from tasks.train import (
+    choose_postprocessing,
+    evaluate_oof,
+    ingest_dataset,
+    prepare_training,
+    record_model_version,
+    render_overlays,
+    train_fold,
+)
 
 
-@flow(name="train", log_prints=True)
+@flow(
+    name="train",
+    flow_run_name="train-{layout}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+)
 def train_flow(
     dataset_source: str, layout: str, models_url: str, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    raise NotImplementedError  # wired in the orchestration change (issue 6)
+    route_logs()
+    cfg = FlowConfig.parse(config)
+    cached = stored_in(f"{models_url.rstrip('/')}/_prefect", cfg.storage)
+
+    dataset = cached(ingest_dataset)(cfg.ingest_config(dataset_source, layout, models_url))
+    train_cfg = training_run(cfg, models_url, dataset)
+    describe_run(
+        "train",
+        {
+            "source": dataset_source,
+            "dataset": dataset["url"],
+            "data hash": dataset["hash"],
+            "run": train_cfg.models,
+        },
+        train_cfg.public_dict(),
+    )
+    plan = cached(prepare_training)(train_cfg, dataset)
+    # one task run per fold, all at once: each asks Ray for its own GPU
+    futures = [cached(train_fold).submit(train_cfg, plan, k) for k in plan["folds"]]
+    wait(futures)  # every fold finishes (or fails) before any result is used
+    folds = [f.result() for f in futures]
+    oof = cached(evaluate_oof)(train_cfg, plan, folds)
+    choice = cached(choose_postprocessing)(train_cfg, plan, folds)
+    version = cached(record_model_version)(train_cfg, models_url, plan, folds, oof, choice)
+    overlays = cached(render_overlays)(train_cfg, plan, version)
+    publish_training(version, overlays, cfg.storage)
+    return {
+        "version": version["version"],
+        "record": version["url"],
+        "dataset": dataset,
+        "oof": oof["overall"],
+        "choice": {k: choice[k] for k in ("threshold", "postprocess")},
+    }

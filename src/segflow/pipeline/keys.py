@@ -28,7 +28,9 @@ _PKG = Path(__file__).resolve().parents[1]
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "ingest": ("ingest", "imaging.py", "geometry.py", "storage.py"),
     "train": ("train", "metrics.py", "ingest/dataset.py", "storage.py"),
+    "oof": ("train/oof.py", "metrics.py", "storage.py"),
     "choose": ("predict/postprocess.py", "metrics.py", "storage.py"),
+    "report": ("pipeline/report.py",),
     "version": ("versions.py", "pipeline"),
     "predict": ("predict", "train/model.py", "imaging.py", "geometry.py", "storage.py"),
     "evaluate": ("evaluate.py", "imaging.py", "geometry.py", "storage.py"),

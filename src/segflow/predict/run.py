@@ -32,7 +32,7 @@ from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, image_to_fra
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
 from segflow.predict.postprocess import full_size_mask
-from segflow.storage import StorageOptions, Store
+from segflow.storage import StorageOptions, Store, sha256_json
 
 log = logging.getLogger("segflow.predict")
 SHARDS = "_shards"
@@ -259,9 +259,32 @@ def plan_prediction(cfg: PredictConfig) -> tuple[list[dict[str, Any]], ShardCont
     """List the inputs, (re)plan the shards, and resolve the threshold and post-processing."""
     _dataset_group.cache_clear()  # a dataset may have grown since an earlier run in this process
     items = list_inputs(cfg)
-    shards = plan_shards(Store(cfg.out, cfg.storage), items, cfg.shard_size)
+    out = Store(cfg.out, cfg.storage)
+    shards = plan_shards(out, items, cfg.shard_size)
     threshold, method = resolve_choice(cfg)
+    _forget_other_models(out, shards, _identity(cfg, threshold, method))
     return shards, ShardContext(cfg, threshold, method)
+
+
+def _identity(cfg: PredictConfig, threshold: float, method: str) -> dict[str, Any]:
+    """What decides every mask besides its input: the trained folds (their done-markers
+    change on retraining), the TTA and the threshold / post-processing choice."""
+    models = Store(cfg.models, cfg.storage)
+    markers = sorted(models.fs.glob(models.path("fold-*/fold.complete.json")))
+    return {
+        "models": models.url, "folds": cfg.folds, "tta": cfg.tta, "threshold": threshold,
+        "postprocess": method, "ensemble": sha256_json([models.fs.cat_file(m) for m in markers]),
+    }  # fmt: skip
+
+
+def _forget_other_models(out: Store, shards: list[dict], identity: dict[str, Any]) -> None:
+    """Masks written by another model (or choice) are stale: every shard runs again."""
+    rel = f"{SHARDS}/identity.json"
+    if out.exists(rel) and out.read_json(rel) == identity:
+        return
+    for s in shards:
+        out.clear_marker(shard_marker(s["shard"]))
+    out.write_json(rel, identity)
 
 
 def pending_shards(cfg: PredictConfig, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:

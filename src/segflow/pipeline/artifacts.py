@@ -1,0 +1,83 @@
+"""Publishing to the Prefect dashboard: the fold-metrics table, the training report, links to
+the model version and outputs, and a progress bar for bulk prediction. Called by the flows;
+each call attaches an artifact to the current flow run (keyed ones keep their history)."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from segflow.pipeline.report import fold_rows, run_description, training_markdown
+from segflow.storage import StorageOptions, Store
+
+
+def link(url: str) -> str:
+    """A clickable form of a storage URL (local paths become file:// links)."""
+    return url if "://" in url else f"file://{url}"
+
+
+def describe_run(kind: str, data: dict[str, Any], config: dict[str, Any]) -> None:
+    create_markdown_artifact(
+        run_description(kind, data, config), key=f"{kind}-run",
+        description=f"what this {kind} run ran on",
+    )  # fmt: skip
+
+
+def publish_training(version: dict[str, Any], overlays: dict[str, Any], storage) -> None:
+    vid = version["version"]
+    create_table_artifact(
+        fold_rows(version), key="fold-metrics", description=f"per-fold metrics, version {vid}"
+    )
+    run = Store(version["run"], storage)
+    curves = {
+        f: run.read_bytes(f"fold-{f}/curves.png")
+        for f in version["record"]["folds"]
+        if run.exists(f"fold-{f}/curves.png")
+    }
+    png = _read_url(overlays["url"], storage) if overlays.get("url") else None
+    create_markdown_artifact(
+        training_markdown(version, curves, png), key="training-report",
+        description=f"training curves and out-of-fold overlays, version {vid}",
+    )  # fmt: skip
+    create_link_artifact(
+        link(version["url"]), link_text=f"model version {vid}", key="model-version"
+    )
+
+
+def publish_segmentation(summary: dict[str, Any], evaluation: dict | None, crops: dict) -> None:
+    create_link_artifact(link(summary["masks"]), link_text="predicted masks", key="masks")
+    create_link_artifact(link(crops["manifest"]), link_text="crops manifest", key="crops")
+    rows = [{"images": summary["n_images"], "errors": summary["n_errors"],
+             "crops_ok": crops["n_ok"], "crops_empty": crops["n_empty"],
+             "threshold": summary["threshold"], "postprocess": summary["postprocess"]}]  # fmt: skip
+    if evaluation:
+        means = ("mean_dice", "mean_jaccard", "mean_thresholded_jaccard")
+        rows[0].update({k: evaluation[k] for k in means})
+        create_link_artifact(
+            link(evaluation["per_image_csv"]), link_text="per-image scores", key="evaluation"
+        )
+    create_table_artifact(rows, key="segment-summary", description="bulk segmentation summary")
+
+
+class Progress:
+    """A progress artifact for bulk prediction: ``update(done)`` as shards finish."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total = max(total, 1)
+        self.id = create_progress_artifact(0.0, key="predict-progress", description=what)
+
+    def update(self, done: int) -> None:
+        update_progress_artifact(self.id, min(100.0, 100.0 * done / self.total))
+
+
+def _read_url(url: str, storage: StorageOptions) -> bytes:
+    folder, name = posixpath.split(url)
+    return Store(folder, storage).read_bytes(name)

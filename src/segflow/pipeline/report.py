@@ -1,0 +1,139 @@
+"""What a person sees in the Prefect dashboard: tables and markdown built from the manifests,
+with images embedded as base64 PNGs (image artifacts need public URLs; object-store files
+usually have none).
+
+Plain functions returning data; ``segflow.pipeline.artifacts`` hands them to Prefect.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segflow.ingest.dataset import open_group
+from segflow.storage import StorageOptions, Store
+
+TILE = 128  # px per overlay tile: a 4 x 2 grid stays well under 200 KB as PNG
+
+
+def fold_rows(version: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per fold (best-epoch validation scores and OOF scores), plus an "all" row."""
+    scores = version["record"]["scores"]
+    oof = {r["fold"]: r for r in scores["oof_per_fold"]}
+    rows = []
+    for f in scores["folds"]:
+        o = oof.get(f["fold"], {})
+        rows.append({
+            "fold": f["fold"], "best_epoch": f["best_epoch"], "val_dice": _r(f["dice"]),
+            "val_jaccard": _r(f["jaccard"]), "oof_n": o.get("n"),
+            "oof_dice": _r(o.get("dice")), "oof_thresholded_jaccard":
+            _r(o.get("thresholded_jaccard")),
+        })  # fmt: skip
+    allrow = scores["oof"]
+    rows.append({"fold": "all", "best_epoch": None, "val_dice": None, "val_jaccard": None,
+                 "oof_n": allrow["n"], "oof_dice": _r(allrow["dice"]),
+                 "oof_thresholded_jaccard": _r(allrow["thresholded_jaccard"])})  # fmt: skip
+    return rows
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+def overlay_grid(
+    run_url: str, dataset_url: str, storage: StorageOptions | None, threshold: float,
+    n: int = 8, cols: int = 4,
+) -> bytes:  # fmt: skip
+    """PNG of ``n`` out-of-fold predictions: the image, the truth outline in green and the
+    prediction at ``threshold`` tinted red. Rows are spread evenly over the OOF images."""
+    import zarr
+
+    run = Store(run_url, storage)
+    group = open_group(Store(dataset_url, storage), "r")
+    probs = zarr.open_array(run.zarr_store(read_only=True), path="oof.zarr/probs", mode="r")
+    rows = sorted(r for p in run.fs.glob(run.path("fold-*/oof.json"))
+                  for r in json.loads(run.fs.cat_file(p))["rows"])  # fmt: skip
+    picked = [rows[i] for i in np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+    tiles = [
+        _overlay(group["images"][r], group["masks"][r] > 0, probs[r] >= threshold * 255)
+        for r in picked
+    ]
+    return _png(_grid(tiles, cols))
+
+
+def _overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    out = image.astype(np.float32)
+    out[pred] = 0.55 * out[pred] + 0.45 * np.array([255, 0, 0])
+    out[_outline(truth)] = (0, 255, 0)
+    tile = Image.fromarray(out.astype(np.uint8)).resize((TILE, TILE), Image.NEAREST)
+    return np.asarray(tile)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _grid(tiles: list[np.ndarray], cols: int) -> np.ndarray:
+    rows = -(-len(tiles) // cols)
+    grid = np.full((rows * TILE, cols * TILE, 3), 255, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * TILE : (r + 1) * TILE, c * TILE : (c + 1) * TILE] = t
+    return grid
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def embed_png(data: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
+
+
+def training_markdown(
+    version: dict[str, Any], curves: dict[int, bytes], overlays: bytes | None
+) -> str:
+    rec = version["record"]
+    choice, oof = rec["choice"], rec["scores"]["oof"]
+    lines = [
+        f"# Model version `{rec['version']}`",
+        "",
+        f"* data: `{rec['dataset']['url']}` ({rec['dataset']['n_images']} images, "
+        f"content hash `{rec['dataset']['hash'][:12]}`)",
+        f"* model: {rec['config']['arch']} / {rec['config']['encoder']}, "
+        f"{len(rec['folds'])} folds, {rec['config']['epochs']} epochs max",
+        f"* out-of-fold: Dice {oof['dice']:.4f}, thresholded Jaccard "
+        f"{oof['thresholded_jaccard']:.4f} over {oof['n']} images",
+        f"* chosen: threshold {choice['threshold']:.2f}, post-processing "
+        f"`{choice['postprocess']}` (OOF thresholded Jaccard "
+        f"{choice['oof_thresholded_jaccard']:.4f})",
+        f"* record: `{version['url']}`",
+        "",
+        "## Training curves",
+    ]
+    lines += [embed_png(png, f"fold {k} curves") for k, png in sorted(curves.items())]
+    if overlays:
+        lines += ["", "## Out-of-fold predictions (red: prediction, green: truth outline)"]
+        lines.append(embed_png(overlays, "OOF overlays"))
+    return "\n".join(lines)
+
+
+def run_description(kind: str, data: dict[str, Any], config: dict[str, Any]) -> str:
+    """What a flow run ran on: the locations, the data hash, and the config (no secrets:
+    flow configs refuse them)."""
+    lines = [f"# {kind} run", ""]
+    lines += [f"* {k}: `{v}`" for k, v in data.items()]
+    lines += ["", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""What every segflow task shares: its results and cache records live in the pipeline's own
+object store, I/O gets retries with backoff, and segflow's log lines reach Prefect's logger."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from prefect import Task
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect.tasks import exponential_backoff
+
+from segflow.storage import StorageOptions, Store, sha256_json
+
+T = TypeVar("T", bound=Task)
+
+# Tasks that read and write object storage: 3 more tries, 2 s, 4 s, 8 s apart (+-50% jitter),
+# long enough to ride out a storage restart or a short network outage.
+IO_RETRIES: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+}
+CACHED: dict[str, Any] = {"persist_result": True}
+_SECRET_KEYS = ("key", "secret", "token")
+
+
+def result_storage(url: str, storage: StorageOptions) -> LocalFileSystem | RemoteFileSystem:
+    """A Prefect filesystem block at ``url``, saved under a name derived from the location
+    (Prefect needs result storage saved server-side). Only the endpoint and region are saved:
+    credentials stay in the environment of the process that runs the flow."""
+    store = Store(url, storage)
+    if store.is_local:
+        block = LocalFileSystem(basepath=store.path())
+    else:
+        public = {k: v for k, v in storage.fsspec_kwargs().items() if k not in _SECRET_KEYS}
+        block = RemoteFileSystem(basepath=store.uri(), settings=public)
+    name = f"segflow-results-{sha256_json([store.uri(), storage.public_dict()])[:16]}"
+    block.save(name, overwrite=True)
+    return block
+
+
+def stored_in(url: str, storage: StorageOptions) -> Callable[[T], T]:
+    """``stored_in(url, storage)(task)``: the task with its results and cache records under
+    ``url``, beside the artifacts, instead of on the machine that happened to run it."""
+    block = result_storage(url, storage)
+    return lambda t: t.with_options(result_storage=block)
+
+
+def route_logs(name: str = "segflow") -> None:
+    """Send the ``segflow`` stdlib loggers through Prefect's API handler, as Prefect does for
+    ``PREFECT_LOGGING_EXTRA_LOGGERS``, so stage logs show in the run's log view."""
+    target = logging.getLogger(name)
+    target.setLevel(logging.INFO)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in target.handlers:
+            target.addHandler(handler)
