@@ -338,6 +338,66 @@ def crops(
     _emit(r.to_dict(), as_json, human)
 
 
+@app.command()
+def serve(
+    models: Annotated[str | None, typer.Option(help="URL of the trained models")] = None,
+    version: Annotated[str | None, typer.Option(help="model version (default: latest)")] = None,
+    tta: Annotated[str | None, typer.Option(help="d4 | flips | none", show_default="flips")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address", show_default="127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port", show_default="8000")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    replicas: Annotated[int | None, typer.Option(help="model replicas", show_default="1")] = None,
+    gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs per replica")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="larger images get 413")] = None,
+    endpoint_url: StorageOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the fold ensemble over HTTP (Ray Serve) until Ctrl-C: POST an image, get its mask."""
+    from segflow.serve import ServeConfig
+    from segflow.serve.deployment import serve_forever
+
+    _setup_logging(as_json)
+    cfg = ServeConfig.load(
+        config, models=models, version=version, tta=tta, host=host, port=port,
+        ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
+        max_pixels=max_pixels, storage=_storage(endpoint_url),
+    )  # fmt: skip
+
+    def ready(r) -> None:
+        human = (
+            f"serving model version {r.version} at {r.url} ({r.replicas} replica(s); POST "
+            f"{r.url}/v1/segment, API docs at {r.url}/docs); Ctrl-C to stop"
+        )
+        _emit(r.to_dict(), as_json, human)
+        sys.stdout.flush()  # a supervisor or test reads this line while the server runs
+
+    serve_forever(cfg, ready)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", help="run file: flow parameters + config")],
+    flow: Annotated[
+        str | None, typer.Option(help="pipeline | train | segment (default: the file's)")
+    ] = None,
+    refresh: Annotated[bool, typer.Option(help="ignore cached task results")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a Prefect flow (pipeline_flow by default) from a YAML run file.
+
+    Uses the Prefect API at PREFECT_API_URL, or a local one. A rerun with unchanged inputs is
+    all cache hits; a run killed mid-way continues where it stopped."""
+    import os
+
+    from segflow.pipeline.runner import load_spec, run_flow
+
+    if refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    result = run_flow(load_spec(config, flow))
+    _emit(result, as_json, json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[str | None, typer.Option(help="URL to write the ISIC-layout archive to")] = None,

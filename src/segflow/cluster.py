@@ -25,7 +25,7 @@ def connect_ray(address: str | None) -> dict[str, float]:
     address = address or os.environ.get("RAY_ADDRESS") or None
     with _RAY_LOCK:
         if not ray.is_initialized():
-            ray.init(
+            _init_from_lasting_thread(
                 address=address,  # None: a local Ray here; "auto" / "ray://host:10001"
                 num_cpus=None if address else cpu_count(),
                 include_dashboard=False,
@@ -33,6 +33,31 @@ def connect_ray(address: str | None) -> dict[str, float]:
                 configure_logging=False,
             )
     return ray.cluster_resources()
+
+
+def _init_from_lasting_thread(**kwargs) -> None:
+    """``ray.init`` from a thread that lives as long as the process. A local Ray's processes
+    are tied to the *thread* that started them (Linux parent-death signal), so starting Ray
+    from a Prefect task's worker thread would kill it when the task runner's threads end."""
+    import ray
+
+    if threading.current_thread() is threading.main_thread():
+        ray.init(**kwargs)
+        return
+    started, failed = threading.Event(), []
+
+    def keeper() -> None:
+        try:
+            ray.init(**kwargs)
+        except BaseException as e:  # handed to the caller below
+            failed.append(e)
+        started.set()
+        threading.Event().wait()  # never returns: this thread must outlive Ray
+
+    threading.Thread(target=keeper, name="ray-keeper", daemon=True).start()
+    started.wait()
+    if failed:
+        raise failed[0]
 
 
 def gpus_per_task(requested: float | None, resources: dict[str, float]) -> float:

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from segflow.errors import DatasetError, InputError
+from segflow.geometry import Placement, from_frame
 from segflow.metrics import TJ_THRESHOLD
 from segflow.storage import Store
 
@@ -95,6 +96,17 @@ def postprocess(mask: np.ndarray, method: str) -> np.ndarray:
         return mask
     kept = largest_component(mask)
     return fill_holes(kept) if method == "lcc_fill" else kept
+
+
+def full_size_mask(
+    prob: np.ndarray, placement: Placement, threshold: float, method: str
+) -> np.ndarray:
+    """One probability frame (as ``Ensemble.predict`` returns it) -> the final bool mask at the
+    original size. The probabilities are resized back before the threshold, so the mask's
+    edges follow the bilinear probability surface instead of blocky frame pixels. The batch
+    predictor and the server both call this: a served mask equals the batch one."""
+    full = from_frame(prob.astype(np.float32), placement, nearest=False)
+    return postprocess(full >= threshold, method)
 
 
 # -- the choice -----------------------------------------------------------------------------------

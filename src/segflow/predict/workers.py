@@ -91,8 +91,10 @@ def predict_shard(ctx, shard: dict[str, Any]) -> dict[str, Any]:
     gpus = gpus_per_task(cfg.gpus_per_worker, resources)
     n = cfg.workers or (max(1, int(resources.get("GPU", 0) // max(gpus, 1e-9))) if gpus else 1)
     cpus = max(1, int(resources.get("CPU", 1)) // n)
-    task = ray.remote(_shard_task).options(
+    # max_calls=0: keep the worker process (and its loaded ensemble) for the next shard; Ray
+    # recycles GPU workers after every call by default
+    task = ray.remote(max_calls=0)(_shard_task).options(
         name=f"predict-shard-{shard['shard']:04d}", num_gpus=gpus, num_cpus=cpus,
-        max_calls=0, max_retries=1, retry_exceptions=True,
+        max_retries=1, retry_exceptions=True,
     )  # fmt: skip
     return ray.get(task.remote(ctx, shard, cpus))

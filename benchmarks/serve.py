@@ -1,0 +1,274 @@
+"""Serving latency and throughput: ``POST /v1/segment`` over HTTP against the same predictor
+called in-process, measured in the same run.
+
+Builds a tiny fold ensemble once (``--folds`` folds of a Unet ``--encoder`` trained for one
+epoch on demo images ingested at ``--size``; quality is irrelevant, this measures speed), or
+reuses ``--models URL``. Inputs are the full-resolution ISIC JPEGs under
+``../shared/data/isic2017/fullres`` or, where absent, ``--generated`` random JPEGs of
+``--gen-size``. The server runs on a local Ray (``segflow.serve.deployment.serve``, one replica,
+bound to 127.0.0.1). Three ways, each a bounded load over the same files, round robin:
+
+1. in-process: ``segment_bytes`` plus the PNG encode the endpoint does, one call at a time
+   (the floor: no HTTP, no Ray proxy, no base64);
+2. HTTP, 1 client: the same requests one at a time (the per-request overhead of serving);
+3. HTTP, ``--clients`` concurrent clients x ``--requests`` each (throughput under load).
+
+Reported: requests/s, client-side p50/p99 latency, and the ratios to the in-process floor.
+The first HTTP mask is checked pixel for pixel against the in-process one.
+
+    python benchmarks/serve.py [--clients 4] [--requests 8] [--models URL] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
+FULLRES = SHARED_DATA / "isic2017/fullres/images"
+SEED = 0
+
+
+# -- the ensemble and the inputs ------------------------------------------------------------------
+def build_models(root: Path, args: argparse.Namespace) -> str:
+    """A tiny trained ensemble in ``root/models``: demo data, ingest, one epoch per fold."""
+    from segflow.demo_data import generate_demo_data
+    from segflow.ingest import IngestConfig, ingest
+    from segflow.train import TrainConfig, train
+
+    raw, dataset, models = root / "demo", str(root / "ds.zarr"), str(root / "models")
+    generate_demo_data(str(raw), args.train_n, (256, 256), seed=SEED)
+    ingest(IngestConfig(layout="isic", source=str(raw), dataset=dataset, size=tuple(args.size)))
+    result = train(
+        TrainConfig(
+            dataset=dataset, models=models, folds=args.folds, epochs=1, encoder=args.encoder,
+            batch_size=8, executor="inline", early_stopping=None,
+        )
+    )  # fmt: skip
+    if not result.ok:
+        raise RuntimeError(f"training failed: {result.to_dict()}")
+    return models
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[list[bytes], str]:
+    files = sorted(FULLRES.glob("*.jpg")) if FULLRES.is_dir() else []
+    if files:
+        return [f.read_bytes() for f in files], str(FULLRES)
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED)
+    h, w = args.gen_size
+    out = []
+    for _ in range(args.generated):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+        out.append(buf.getvalue())
+    return out, f"{args.generated} generated {w}x{h} JPEGs ({FULLRES} absent)"
+
+
+# -- the load -------------------------------------------------------------------------------------
+@dataclass
+class Load:
+    latencies: list[float]  # seconds, one per request
+    seconds: float  # wall time of the whole load
+    clients: int
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def ms(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.latencies) * 1000, q))
+
+    def row(self) -> dict:
+        return {"clients": self.clients, "requests": len(self.latencies),
+                "requests_per_s": round(self.rps, 3), "p50_ms": round(self.ms(50), 1),
+                "p99_ms": round(self.ms(99), 1), "seconds": round(self.seconds, 2)}  # fmt: skip
+
+
+def run_load(call, inputs: list[bytes], clients: int, per_client: int) -> Load:
+    """``clients`` threads, each making ``per_client`` calls over ``inputs`` round robin."""
+
+    def client(c: int) -> list[float]:
+        out = []
+        for i in range(per_client):
+            data = inputs[(c * per_client + i) % len(inputs)]
+            t0 = time.perf_counter()
+            call(data)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client, range(clients)))
+    return Load([x for r in results for x in r], time.perf_counter() - t0, clients)
+
+
+def in_process_call(ensemble, threshold: float, method: str, args: argparse.Namespace):
+    from segflow.predict.single import segment_bytes
+
+    def call(data: bytes) -> bytes:
+        res = segment_bytes(ensemble, data, "x.jpg", threshold, method, args.tta, 10**9)
+        return res.mask_png()
+
+    return call
+
+
+def http_call(url: str, server_ms: list[float]):
+    import threading
+
+    import httpx
+
+    local = threading.local()  # one connection pool per client thread, as real clients have
+
+    def call(data: bytes) -> dict:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=300)
+        resp = local.client.post("/v1/segment", content=data,
+                                 headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        resp.raise_for_status()
+        body = resp.json()
+        server_ms.append(body["latency_ms"])
+        return body
+
+    return call
+
+
+def same_mask(http_body: dict, png: bytes) -> bool:
+    from PIL import Image
+
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(http_body["mask_png_base64"]))))
+    return bool(np.array_equal(served, np.asarray(Image.open(io.BytesIO(png)))))
+
+
+# -- main -----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
+    import ray
+    import torch
+
+    from segflow.predict.ensemble import load_ensemble
+    from segflow.serve import ServeConfig
+    from segflow.serve.deployment import serve, stop
+    from segflow.storage import Store
+
+    cpus = len(os.sched_getaffinity(0))
+    models = args.models or build_models(tmp, args)
+    inputs, source = load_inputs(args)
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)  # fmt: skip
+    started = serve(ServeConfig(models=models, port=_free_port(), tta=args.tta,
+                                max_pixels=10**9, max_bytes=2**30))  # fmt: skip
+    try:
+        ensemble = load_ensemble(Store(models), None)
+        torch.set_num_threads(started.cpus_per_replica)  # the replica's thread count
+        local = in_process_call(ensemble, started.threshold, started.postprocess, args)
+        server_ms: list[float] = []
+        remote = http_call(started.url, server_ms)
+        check = same_mask(remote(inputs[0]), local(inputs[0]))  # also the warm-up of both
+        for data in inputs[1:3]:
+            local(data), remote(data)
+        server_ms.clear()
+        loads = {
+            "in_process": run_load(local, inputs, 1, max(1, args.requests * args.clients // 2)),
+            "http_1": run_load(remote, inputs, 1, max(1, args.requests * args.clients // 2)),
+        }
+        single_ms = list(server_ms)
+        loads["http_n"] = run_load(remote, inputs, args.clients, args.requests)
+    finally:
+        stop()
+        ray.shutdown()
+    floor = loads["in_process"]
+    return {
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": cpus,
+        "source": source, "n_files": len(inputs),
+        "pixels": [min(_pixels(d) for d in inputs), max(_pixels(d) for d in inputs)],
+        "tta": args.tta, "folds": ensemble.folds, "encoder": ensemble.spec.encoder,
+        "frame": list(ensemble.spec.dataset_size), "replicas": 1,
+        "torch_threads": started.cpus_per_replica, "same_mask": check,
+        "loads": {k: v.row() for k, v in loads.items()},
+        "server_p50_ms": round(float(np.median(single_ms)), 1),
+        "http_1_over_in_process": round(loads["http_1"].rps / floor.rps, 3),
+        "http_n_over_in_process": round(loads["http_n"].rps / floor.rps, 3),
+    }  # fmt: skip
+
+
+def _pixels(data: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.width * im.height
+
+
+def print_report(rep: dict) -> None:
+    h, w = rep["frame"]
+    print(f"serve: Unet {rep['encoder']} {h}x{w}, {len(rep['folds'])} folds x tta {rep['tta']}, "
+          f"1 replica, torch threads {rep['torch_threads']}, {rep['device']}, "
+          f"{rep['cpus']} cpus")  # fmt: skip
+    print(f"inputs: {rep['n_files']} JPEGs, {rep['pixels'][0]:,}..{rep['pixels'][1]:,} pixels, "
+          f"{rep['source']}")  # fmt: skip
+    print(f"{'way':34}{'clients':>8}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
+    labels = {"in_process": "in-process segment_bytes + PNG", "http_1": "HTTP POST /v1/segment",
+              "http_n": "HTTP POST /v1/segment"}  # fmt: skip
+    for key, label in labels.items():
+        r = rep["loads"][key]
+        print(f"{label:34}{r['clients']:>8}{r['requests']:>9}{r['requests_per_s']:>9.2f}"
+              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")  # fmt: skip
+    print(f"HTTP (1 client) / in-process req/s: {rep['http_1_over_in_process']:.3f}; "
+          f"HTTP ({rep['loads']['http_n']['clients']} clients) / in-process: "
+          f"{rep['http_n_over_in_process']:.3f}; server-side p50 (1 client) "
+          f"{rep['server_p50_ms']:.1f} ms; same mask: {rep['same_mask']}")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help="URL of trained models to reuse (default: train a tiny set)")
+    p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--train-n", type=int, default=32, help="demo images to train on")
+    p.add_argument("--tta", default="flips", choices=("none", "flips", "d4"))
+    p.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    p.add_argument("--requests", type=int, default=8, help="requests per client")
+    p.add_argument("--generated", type=int, default=8, help="JPEGs to make without real data")
+    p.add_argument("--gen-size", type=int, nargs=2, default=(768, 1024), metavar=("H", "W"))
+    p.add_argument("--json", action="store_true", help="print all figures as one JSON line")
+    args = p.parse_args(argv)
+    for name in ("folds", "train_n", "clients", "requests", "generated"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="segflow-bench-serve-") as tmp:
+        rep = benchmark(args, Path(tmp))
+    print_report(rep)
+    if args.json:
+        print(json.dumps(rep))
+    if not rep["same_mask"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""The HTTP API: a FastAPI app over a :class:`~segflow.serve.service.Service`.
+
+``POST /v1/segment`` takes raw image bytes (``Content-Type: image/*``) or a
+``multipart/form-data`` upload (parsed here with the standard library: python-multipart is
+not a dependency) and returns the mask as JSON (base64 PNG) or, with ``?format=png``, as the
+PNG itself. Every error is a JSON body ``{"error", "message", "status"}`` with a 4xx status
+for bad input; nothing a client sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from email.message import Message
+from email.parser import BytesHeaderParser
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from segflow import __version__
+from segflow.imaging import Rejected
+from segflow.predict.single import SingleResult, masked_crop_png
+from segflow.serve.service import Service, VersionMismatch
+
+log = logging.getLogger("segflow.serve")
+VERSION_HEADER = "X-Model-Version"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+
+class HTTPError(Exception):
+    """A request the server refuses: ``status``, a short ``reason`` and a ``message`` that says
+    what was received and what to send instead."""
+
+    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.extra = status, reason, message, extra
+
+
+# -- response bodies (also the OpenAPI schema) --------------------------------------------------
+class ErrorBody(BaseModel):
+    error: str = Field(description="short reason, e.g. unreadable, too_large")
+    message: str = Field(description="what was wrong and what to do")
+    status: int
+
+
+class Crop(BaseModel):
+    png_base64: str = Field(description="masked crop (outside the lesion black), base64 PNG")
+    box: tuple[int, int, int, int] = Field(description="(x0, y0, x1, y1) in the image")
+
+
+class SegmentResponse(BaseModel):
+    version: str = Field(description="model version that made the mask")
+    width: int
+    height: int
+    mask_png_base64: str = Field(description="mask, 0/255 greyscale PNG at the original size")
+    bbox: tuple[int, int, int, int] | None = Field(
+        description="(x0, y0, x1, y1), ends exclusive, of the largest 8-connected component; "
+        "null for an empty mask"
+    )
+    component_area: int = Field(description="pixels of the largest component")
+    n_components: int
+    foreground_fraction: float = Field(description="foreground pixels / all pixels")
+    threshold: float
+    postprocess: str
+    tta: str
+    latency_ms: float = Field(description="server time from request to response")
+    crop: Crop | None = Field(None, description="with ?crop=masked")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "not an image, an empty body, or a bad parameter",
+        404: "unknown model version",
+        413: "image over the pixel limit, or body over the byte limit",
+        415: "unsupported Content-Type",
+    }.items()
+}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+
+# -- the app ------------------------------------------------------------------------------------
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(
+        title="segflow",
+        version=__version__,
+        description="Binary segmentation of one image by the fold ensemble "
+        f"(model version {service.version}).",
+    )
+    _add_error_handlers(app)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": service.version}
+
+    @app.get("/v1/model")
+    def model(
+        version: Annotated[str | None, Query(description="must be the served version")] = None,
+    ) -> dict[str, Any]:
+        _check_version(service, version)
+        return service.info
+
+    @app.post(
+        "/v1/segment",
+        response_model=SegmentResponse,
+        responses={**_ERRORS, 200: {"content": {"image/png": {}}}},
+        openapi_extra=_BODY_DOC,
+    )
+    async def segment(
+        request: Request,
+        format: Annotated[Literal["json", "png"], Query(description="response body")] = "json",
+        crop: Annotated[Literal["none", "masked"], Query(description="also the crop")] = "none",
+        version: Annotated[str | None, Query(description="must be the served version")] = None,
+        x_model_version: Annotated[str | None, Header(description="as ?version")] = None,
+    ) -> Any:
+        t0 = time.perf_counter()
+        _check_version(service, version or x_model_version)
+        if format == "png" and crop != "none":
+            raise HTTPError(
+                400,
+                "bad_parameter",
+                "?crop=masked returns the crop inside the JSON body; drop ?format=png to get both",
+            )
+        data, name = await read_image(request, service.cfg.max_bytes)
+        return await run_in_threadpool(_segment, service, data, name, format, crop, t0)
+
+    return app
+
+
+def _check_version(service: Service, requested: str | None) -> None:
+    try:
+        service.check_version(requested)
+    except VersionMismatch as e:
+        raise HTTPError(404, "unknown_version", str(e), available=e.available) from None
+
+
+def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: float) -> Any:
+    """The CPU part of a request (decode, model, post-processing, encoding), off the loop."""
+    try:
+        prepared = service.prepare(data, name)
+    except Rejected as r:
+        status = 413 if r.reason == "too_large" else 400
+        hint = "send a smaller image" if status == 413 else "send a JPEG, PNG, TIFF or BMP"
+        raise HTTPError(status, r.reason, f"{r.detail}; {hint}") from None
+    result = service.segment(prepared)
+    png = result.mask_png()
+    cropped = None
+    if crop == "masked":
+        cropped = masked_crop_png(prepared, result, data, service.cfg.max_pixels)
+    ms = round((time.perf_counter() - t0) * 1000, 2)
+    if fmt == "png":
+        return Response(png, media_type="image/png", headers=_png_headers(service, result, ms))
+    return _json_body(service, result, png, cropped, ms)
+
+
+def _json_body(service: Service, result: SingleResult, png: bytes, cropped, ms: float) -> Any:
+    h, w = result.size
+    resolved = service.resolved
+    crop = None
+    if cropped is not None:
+        crop = Crop(png_base64=base64.b64encode(cropped[0]).decode(), box=cropped[1])
+    return SegmentResponse(
+        version=service.version,
+        width=w,
+        height=h,
+        mask_png_base64=base64.b64encode(png).decode(),
+        bbox=result.bbox,
+        component_area=result.area,
+        n_components=result.n_components,
+        foreground_fraction=round(result.foreground, 6),
+        threshold=resolved.threshold,
+        postprocess=resolved.postprocess,
+        tta=service.cfg.tta,
+        latency_ms=ms,
+        crop=crop,
+    )
+
+
+def _png_headers(service: Service, result: SingleResult, ms: float) -> dict[str, str]:
+    return {
+        VERSION_HEADER: service.version,
+        "X-Bbox": ",".join(map(str, result.bbox)) if result.bbox else "",
+        "X-Foreground-Fraction": f"{result.foreground:.6f}",
+        "X-Latency-Ms": f"{ms:.2f}",
+    }
+
+
+# -- request bodies -----------------------------------------------------------------------------
+async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The image bytes of a request and a file name for them (it picks the decoder)."""
+    ctype = request.headers.get("content-type", "")
+    kind = ctype.split(";", 1)[0].strip().lower()
+    if not (kind.startswith("image/") or kind == "multipart/form-data"):
+        raise HTTPError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {ctype or '(none)'!r} is not accepted; send the raw image with "
+            "Content-Type: image/<type> (curl --data-binary @x.jpg -H 'Content-Type: "
+            "image/jpeg') or a multipart/form-data upload with a file field (curl -F file=@x.jpg)",
+        )
+    body = await _read_body(request, max_bytes)
+    if kind == "multipart/form-data":
+        data, filename = parse_multipart(body, ctype)
+        name = filename or "upload"
+    else:
+        data, name = body, f"upload.{kind.removeprefix('image/')}"
+    if not data:
+        raise HTTPError(400, "empty", "the image is empty (0 bytes); send the file's bytes")
+    return data, _decoder_name(name, data)
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    too_big = HTTPError(
+        413,
+        "too_large",
+        f"the request body is over the limit of {max_bytes:,} bytes; send a smaller image or "
+        "start the server with a larger max_bytes",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decoder_name(name: str, data: bytes) -> str:
+    """TIFF goes to tifffile by name; a TIFF sent under another name or type still does."""
+    if data[:4] in _TIFF_MAGIC and not name.lower().endswith((".tif", ".tiff")):
+        return f"{name}.tif"
+    return name
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
+    """``(bytes, filename)`` of the first file part of a ``multipart/form-data`` body: the
+    part named ``file``, or any part with a filename (RFC 7578). The body is split on its
+    boundary as bytes (exact for binary data); each part's headers go through ``email``."""
+    boundary = _param(content_type, "boundary")
+    if not boundary:
+        raise HTTPError(
+            400,
+            "bad_multipart",
+            f"Content-Type {content_type!r} has no boundary; let the HTTP client build the "
+            "multipart body (curl -F file=@x.jpg)",
+        )
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
+        if chunk.startswith(b"--"):  # the close delimiter: no more parts
+            break
+        headers, content = _split_part(chunk)
+        name = headers.get_param("name", header="content-disposition")
+        filename = headers.get_filename()
+        if name == "file" or filename:
+            return content, filename
+    raise HTTPError(
+        400,
+        "no_file",
+        "the multipart body has no file part; send the image in a field named 'file' "
+        "(curl -F file=@x.jpg)",
+    )
+
+
+def _split_part(chunk: bytes) -> tuple[Message, bytes]:
+    """One part after its delimiter: the rest of the delimiter line, headers, blank line,
+    content (the CRLF before the next delimiter belongs to that delimiter)."""
+    line_end = chunk.find(b"\r\n")
+    if line_end < 0:
+        raise HTTPError(
+            400,
+            "bad_multipart",
+            "a multipart part is cut short; send a complete multipart/form-data body",
+        )
+    part = chunk[line_end + 2 :]
+    if part.startswith(b"\r\n"):  # a part without headers
+        return Message(), part[2:]
+    head, sep, content = part.partition(b"\r\n\r\n")
+    if not sep:
+        raise HTTPError(
+            400,
+            "bad_multipart",
+            "a multipart part has no blank line after its headers; send a complete "
+            "multipart/form-data body",
+        )
+    return BytesHeaderParser().parsebytes(head + b"\r\n\r\n"), content
+
+
+def _param(header_value: str, name: str) -> str | None:
+    msg = Message()
+    msg["content-type"] = header_value
+    value = msg.get_param(name)
+    return value if isinstance(value, str) else None
+
+
+# -- errors -------------------------------------------------------------------------------------
+def error_response(status: int, reason: str, message: str, **extra: Any) -> JSONResponse:
+    body = {"error": reason, "message": message, "status": status, **extra}
+    return JSONResponse(body, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPError)
+    async def _refused(_: Request, e: HTTPError) -> JSONResponse:
+        return error_response(e.status, e.reason, e.message, **e.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        return error_response(400, "bad_parameter", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = f"{e.detail}: {request.method} {request.url.path}; see /docs for the API"
+        return error_response(e.status_code, "http_error", message)
+
+    @app.exception_handler(Exception)
+    async def _crashed(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(500, "internal_error", f"{type(e).__name__}: {e}")

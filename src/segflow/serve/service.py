@@ -1,0 +1,147 @@
+"""What one server replica holds: the resolved model version, its ensemble and its choice.
+
+The driver (``segflow serve``) resolves the version, the threshold and the post-processing
+once, before any replica starts, so a bad ``--version`` fails at start and every replica
+serves the same choice even if ``versions/latest.json`` moves meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from segflow.errors import SegflowError
+from segflow.predict.ensemble import Ensemble, load_ensemble
+from segflow.predict.single import Prepared, SingleResult, finish, predict_one, prepare
+from segflow.serve.config import ServeConfig
+from segflow.storage import StorageOptions, Store
+from segflow.versions import LATEST, ModelVersion, list_versions, resolve_version
+
+
+class VersionMismatch(SegflowError):
+    """A request asked for a model version that this server does not serve."""
+
+    def __init__(self, message: str, available: list[str]) -> None:
+        super().__init__(message)
+        self.available = available
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The served model, decided by the driver; picklable, so it travels to the replicas."""
+
+    version: ModelVersion
+    threshold: float
+    postprocess: str
+    follows_latest: bool  # started without --version (or with 'latest')
+    info: dict[str, Any] = field(default_factory=dict)  # the body of GET /v1/model
+
+
+def resolve(cfg: ServeConfig) -> Resolved:
+    """The version, threshold and post-processing to serve; raises ``VersionNotFound``."""
+    version = resolve_version(cfg.models, cfg.version, cfg.storage)
+    threshold, method = _choice(version, cfg.storage)
+    record = version.record
+    config = record.get("config") or _read_json(version.models, cfg.storage, "train_config.json")
+    info = {
+        "version": version.id,
+        "models": cfg.models,
+        "run": version.models,
+        "created_at": record.get("created_at"),
+        "dataset": record.get("dataset") or {"url": (config or {}).get("dataset")},
+        "code_version": record.get("code_version"),
+        "config": config,
+        "tta": cfg.tta,
+        "threshold": threshold,
+        "postprocess": method,
+        "metrics": record.get("scores") or _run_metrics(version.models, cfg.storage),
+    }
+    return Resolved(version, threshold, method, cfg.version in (None, LATEST), _finite(info))
+
+
+def _choice(version: ModelVersion, storage: StorageOptions) -> tuple[float, str]:
+    """The version record's out-of-fold choice, else what ``segflow predict`` would use."""
+    choice = version.record.get("choice") or {}
+    if "threshold" in choice and "postprocess" in choice:
+        return float(choice["threshold"]), str(choice["postprocess"])
+    from segflow.predict.config import PredictConfig
+    from segflow.predict.run import resolve_choice
+
+    # resolve_choice reads only models, threshold, postprocess and storage; the source and
+    # out are required by the config but never touched
+    cfg = PredictConfig(models=version.models, source=version.models, out=version.models,
+                        threshold="auto", postprocess="auto", storage=storage)  # fmt: skip
+    return resolve_choice(cfg)
+
+
+def _read_json(url: str, storage: StorageOptions, rel: str) -> dict[str, Any] | None:
+    store = Store(url, storage)
+    return store.read_json(rel) if store.exists(rel) else None
+
+
+def _run_metrics(url: str, storage: StorageOptions) -> dict[str, Any]:
+    """Out-of-fold scores (``postprocess.json``) and each fold's validation scores
+    (``train_summary.json``) of a plain ``segflow train`` output."""
+    oof = _read_json(url, storage, "postprocess.json")
+    summary = _read_json(url, storage, "train_summary.json") or {}
+    keys = ("fold", "status", "best_epoch", "dice", "jaccard", "thresholded_jaccard")
+    folds = [{k: f.get(k) for k in keys} for f in summary.get("folds", [])]
+    return {"oof": oof, "folds": folds}
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities (a fold that never validated) become None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class Service:
+    """The ensemble of one replica, and everything a request needs from it."""
+
+    def __init__(self, cfg: ServeConfig, resolved: Resolved, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.resolved = resolved
+        self.ensemble: Ensemble = load_ensemble(
+            Store(resolved.version.models, cfg.storage), None, device
+        )
+        spec = self.ensemble.spec
+        frame = {"size": list(spec.dataset_size), "resize": spec.resize}
+        self.info = {**resolved.info, "folds": self.ensemble.folds, "frame": frame,
+                     "device": self.ensemble.device.type}  # fmt: skip
+        # Requests decode, post-process and encode in parallel threads; the model runs one
+        # request at a time, as torch already spreads one forward pass over every core.
+        self._model_lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.resolved.version.id
+
+    def check_version(self, requested: str | None) -> None:
+        """Raise :class:`VersionMismatch` unless ``requested`` is the served version."""
+        if requested in (None, "", self.version):
+            return
+        if requested == LATEST and self.resolved.follows_latest:
+            return
+        known = list_versions(self.cfg.models, self.cfg.storage) or [self.version]
+        raise VersionMismatch(
+            f"model version {requested!r} is not served here: this server serves "
+            f"{self.version!r}; versions under {self.cfg.models}: {known}. Start "
+            f"`segflow serve --version {requested}` to serve another one",
+            known,
+        )
+
+    def prepare(self, data: bytes, name: str) -> Prepared:
+        return prepare(data, name, self.ensemble.spec, self.cfg.max_pixels)
+
+    def segment(self, prepared: Prepared) -> SingleResult:
+        with self._model_lock:
+            prob = predict_one(self.ensemble, prepared, self.cfg.tta)
+        return finish(prob, prepared.placement, self.resolved.threshold,
+                      self.resolved.postprocess)  # fmt: skip
