@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from prefect.testing.utilities import prefect_test_harness
-
 from flows.ingest import ingest_flow
 from segflow.ingest import Dataset
 from tests.makers import write_isic
 
 
-def test_ingest_flow_runs_on_a_local_prefect_api(local):
+def test_ingest_flow_runs_on_a_local_prefect_api(local, prefect_api):
     src = local.store("raw")
     write_isic(src, range(3))
     config = {"layout": "isic", "source": src.url, "dataset": local.url("ds"), "size": [32, 32]}
-    with prefect_test_harness(server_startup_timeout=120):
-        first = ingest_flow(config)
-        second = ingest_flow(config)
+    first = ingest_flow(config)
+    second = ingest_flow(config)
     assert (first["status"], first["n_images"]) == ("ingested", 3)
     assert second["status"] == "up_to_date"
     assert Dataset.open(local.url("ds")).n == 3

@@ -252,6 +252,6 @@ def crops_key(cfg: CropsConfig, plan: Manifest, summary: Manifest) -> str:
 
 
 def crop_masks(cfg: CropsConfig, plan: Manifest, summary: Manifest) -> Manifest:
-    res = make_crops(cfg)
-    data = {k: v for k, v in res.to_dict().items() if k not in ("seconds", "n_skipped")}
-    return {**data, "hash": sha256_json(data)}
+    res = make_crops(cfg).to_dict()
+    data = {k: v for k, v in res.items() if k not in ("seconds", "n_skipped")}  # run-dependent
+    return {**res, "hash": sha256_json(data)}
