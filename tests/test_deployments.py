@@ -250,18 +250,35 @@ def test_documented_commands_name_real_deployments_pools_and_parameters(
     for rel in ("README.md", "deployments/prefect.yaml"):
         words = " ".join((rf.ROOT / rel).read_text().replace("`", " ").split())
         assert "prefect deploy --all --prefect-file deployments/prefect.yaml" in words, rel
-        assert "deployments/deploy.py --all --prefect-file deployments/prefect.yaml" in words, rel
 
 
-def test_deploy_wrapper_patches_the_call_prefect_makes() -> None:
-    from prefect.client.orchestration._work_pools.client import (
-        WorkPoolAsyncClient,
-        WorkPoolClient,
-    )
+def test_documented_deploy_commands_are_plain_prefect_deploy() -> None:
+    """Every documented registration is ``prefect deploy`` itself on prefect.yaml: ``--all``, or
+    ``-n`` with deployments of the pool ``cluster`` (where only that pool exists)."""
+    names = {d["name"]: d["work_pool"]["name"] for d in deployments()}
+    commands = 0
+    for rel in DOCS_WITH_COMMANDS:
+        text = (rf.ROOT / rel).read_text().replace("\\\n", " ").replace("#", " ")
+        assert "deploy.py" not in text, f"{rel} still names the removed deployments/deploy.py"
+        for line in re.findall(r"prefect deploy -[^\n`]*", text):  # commands, not prose
+            args = " ".join(line.split()[2:])
+            assert "--prefect-file deployments/prefect.yaml" in args, f"{rel}: `{line}`"
+            picked = re.findall(r"(?:-n|--name) (\S+)", args)
+            assert ("--all" in args.split()) != bool(picked), f"{rel}: `{line}`: --all or -n"
+            for name in picked:
+                assert names.get(name) == "cluster", f"{rel}: `{line}`: {name} is no cluster one"
+            commands += 1
+    assert commands >= 4
 
-    for cls in (WorkPoolAsyncClient, WorkPoolClient):
-        params = list(inspect.signature(cls.read_workers_for_work_pool).parameters)
-        assert params == ["self", "work_pool_name", "worker_filter", "offset", "limit"], cls
+
+def test_fastapi_pin_takes_the_prefect_clients_nulls() -> None:
+    """FastAPI 0.151+ answers the client's explicit ``"limit": null`` with a 422 (``prefect
+    deploy`` dies after the first deployment); 0.155+ breaks the server's start (``min_items``).
+    scripts/check_prefect_server.sh proves it against a running server."""
+    pin = tuple(int(x) for x in rf.lock_pins()["fastapi"].split("."))
+    assert (0, 139) <= pin < (0, 151), f"fastapi=={rf.lock_pins()['fastapi']}"
+    text = (rf.ROOT / "scripts" / "check_prefect_server.sh").read_text()
+    assert '{"sort": null, "limit": null, "offset": null}' in text
 
 
 # -- for real: register everything on a Prefect server -----------------------------------------
@@ -281,13 +298,14 @@ def test_deploy_registers_every_deployment(tmp_path: Path) -> None:
                 )
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env["PREFECT_HOME"] = str(tmp_path)
+        prefect = Path(sys.executable).parent / "prefect"  # the CLI of this environment
         run = subprocess.run(
             [
-                sys.executable,
-                "deployments/deploy.py",
+                str(prefect),
+                "deploy",
                 "--all",
                 "--prefect-file",
-                str(rf.PREFECT_YAML),
+                "deployments/prefect.yaml",
             ],
             cwd=rf.ROOT,
             env=env,

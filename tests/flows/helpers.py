@@ -11,7 +11,6 @@ from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactCollectionSort, TaskRunSort
 
 
 def task_runs() -> dict[str, Any]:
@@ -19,10 +18,7 @@ def task_runs() -> dict[str, Any]:
     out: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         offset = 0
-        # an explicit sort: the pinned server rejects the client's default `"sort": null`
-        while batch := client.read_task_runs(
-            limit=200, offset=offset, sort=TaskRunSort.EXPECTED_START_TIME_ASC
-        ):
+        while batch := client.read_task_runs(limit=200, offset=offset):
             out.update({str(r.id): r for r in batch})
             offset += len(batch)
     return out
@@ -46,10 +42,7 @@ def kinds(states: dict[str, str], prefix: str) -> dict[str, str]:
 def latest_artifact(key: str) -> Any:
     with get_client(sync_client=True) as client:
         found = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactCollectionSort.UPDATED_DESC,
-            limit=10,
-            offset=0,
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
         )
     assert found, f"no artifact with key {key!r}"
     return found[0]

@@ -20,7 +20,7 @@ from tests.makers import write_isic
 EPOCHS = 4
 
 
-def _wait_for_one_done_one_started(runs: Path, proc: subprocess.Popen) -> None:
+def _wait_for_one_done_one_started(runs: Path, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.time() + 400
     while time.time() < deadline:
         done = list(runs.glob("*/fold-*/fold.complete.json"))
@@ -29,7 +29,8 @@ def _wait_for_one_done_one_started(runs: Path, proc: subprocess.Popen) -> None:
         if done and started:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before it could be killed")
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill:\n{tail}")
         time.sleep(0.05)
     raise AssertionError("no fold finished within the time limit")
 
@@ -48,14 +49,17 @@ def test_killed_flow_rerun_keeps_finished_folds_and_resumes_the_other(local, pre
     spec = Path(local.url("run.yaml"))
     spec.write_text(yaml.safe_dump({"flow": "train", **params}))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "segflow.cli", "run", "--config", str(spec)], env=env,
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log = Path(local.url("run.log"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "segflow.cli", "run", "--config", str(spec)], env=env,
+            start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        _wait_for_one_done_one_started(models / "runs", proc)
+        _wait_for_one_done_one_started(models / "runs", proc, log)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     (done_marker,) = list((models / "runs").glob("*/fold-*/fold.complete.json"))
     done_dir = done_marker.parent
