@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from flows.train import train_flow
@@ -33,6 +34,14 @@ def _wait_for_one_done_one_started(runs: Path, proc: subprocess.Popen, log: Path
             raise AssertionError(f"the run ended (rc {proc.returncode}) before the kill:\n{tail}")
         time.sleep(0.05)
     raise AssertionError("no fold finished within the time limit")
+
+
+def _wait_until_still(path: Path, quiet: float = 3.0) -> None:
+    last, since = path.stat().st_mtime_ns, time.time()
+    while time.time() - since < quiet:
+        time.sleep(0.2)
+        if (now := path.stat().st_mtime_ns) != last:
+            last, since = now, time.time()
 
 
 def test_killed_flow_rerun_keeps_finished_folds_and_resumes_the_other(local, prefect_api):
@@ -65,7 +74,10 @@ def test_killed_flow_rerun_keeps_finished_folds_and_resumes_the_other(local, pre
     done_dir = done_marker.parent
     (other,) = [p for p in done_dir.parent.glob("fold-*") if p != done_dir]
     before = {f: (done_dir / f).read_bytes() for f in ("metrics.csv", "best.pt", "last.pt")}
-    epochs_before = len((other / "metrics.csv").read_text().strip().splitlines()) - 1
+    _wait_until_still(other / "last.pt")  # the killed run's Ray worker may outlive it briefly
+    # the epochs whose full state was saved (metrics.csv may hold one more row: the kill can
+    # land between an epoch's metrics row and its last.pt; resume redoes that epoch)
+    epochs_before = torch.load(other / "last.pt", map_location="cpu", weights_only=True)["epoch"]
     assert 1 <= epochs_before < EPOCHS
 
     try:
