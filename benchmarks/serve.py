@@ -37,32 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict import build_models  # the same tiny ensemble as the predict bench
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
 FULLRES = SHARED_DATA / "isic2017/fullres/images"
 SEED = 0
 
 
 # -- the ensemble and the inputs ------------------------------------------------------------------
-def build_models(root: Path, args: argparse.Namespace) -> str:
-    """A tiny trained ensemble in ``root/models``: demo data, ingest, one epoch per fold."""
-    from segflow.demo_data import generate_demo_data
-    from segflow.ingest import IngestConfig, ingest
-    from segflow.train import TrainConfig, train
-
-    raw, dataset, models = root / "demo", str(root / "ds.zarr"), str(root / "models")
-    generate_demo_data(str(raw), args.train_n, (256, 256), seed=SEED)
-    ingest(IngestConfig(layout="isic", source=str(raw), dataset=dataset, size=tuple(args.size)))
-    result = train(
-        TrainConfig(
-            dataset=dataset, models=models, folds=args.folds, epochs=1, encoder=args.encoder,
-            batch_size=8, executor="inline", early_stopping=None,
-        )
-    )  # fmt: skip
-    if not result.ok:
-        raise RuntimeError(f"training failed: {result.to_dict()}")
-    return models
-
-
 def load_inputs(args: argparse.Namespace) -> tuple[list[bytes], str]:
     files = sorted(FULLRES.glob("*.jpg")) if FULLRES.is_dir() else []
     if files:
