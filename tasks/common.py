@@ -48,11 +48,28 @@ def stored_in(url: str, storage: StorageOptions) -> Callable[[T], T]:
     return lambda t: t.with_options(result_storage=block)
 
 
+class _InRunOnly(logging.Handler):
+    """Forwards a record to Prefect's handler only inside a flow or task run. Once routed, the
+    ``segflow`` loggers stay routed for the life of the process; outside a run (a CLI command or
+    a library call after a flow) Prefect's API handler would only warn that there is no run."""
+
+    def __init__(self, inner: logging.Handler) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            self.inner.handle(record)
+
+
 def route_logs(name: str = "segflow") -> None:
-    """Send the ``segflow`` stdlib loggers through Prefect's API handler, as Prefect does for
+    """Send the ``segflow`` stdlib loggers through Prefect's handlers, as Prefect does for
     ``PREFECT_LOGGING_EXTRA_LOGGERS``, so stage logs show in the run's log view."""
     target = logging.getLogger(name)
     target.setLevel(logging.INFO)
+    routed = {h.inner for h in target.handlers if isinstance(h, _InRunOnly)}
     for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in target.handlers:
-            target.addHandler(handler)
+        if handler not in routed:
+            target.addHandler(_InRunOnly(handler))
