@@ -39,6 +39,15 @@ def kinds(states: dict[str, str], prefix: str) -> dict[str, str]:
     return {n: s for n, s in states.items() if n.startswith(prefix)}
 
 
+def run_logs() -> list[Any]:
+    """Every log line the API holds."""
+    out: list[Any] = []
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(limit=200, offset=len(out)):
+            out.extend(batch)
+    return out
+
+
 def latest_artifact(key: str) -> Any:
     with get_client(sync_client=True) as client:
         found = client.read_latest_artifacts(

@@ -22,7 +22,14 @@ from flows.segment import segment_flow
 from segflow.storage import StorageOptions, Store
 from tests.conftest import make_bucket
 from tests.flows.conftest import tiny_config, write_sources
-from tests.flows.helpers import FlakyProxy, kinds, latest_artifact, new_states, task_runs
+from tests.flows.helpers import (
+    FlakyProxy,
+    kinds,
+    latest_artifact,
+    new_states,
+    run_logs,
+    task_runs,
+)
 from tests.makers import coded_pair, jpeg_bytes
 
 pytestmark = pytest.mark.s3
@@ -132,6 +139,15 @@ def test_dashboard_artifacts(run):
     assert summary["images"] == 5 and summary["errors"] == 0
     described = latest_artifact("train-run").data
     assert run.result["train"]["dataset"]["hash"] in described and "secret" not in described
+
+
+def test_stage_logs_reach_the_run_log_view(run):
+    logs = run_logs()
+    ours = {(log.name, log.message.split(":")[0]) for log in logs if log.name.startswith("segflow")}
+    assert {("segflow.ingest", "ingest"), ("segflow.crops", "crops")} <= ours
+    epochs = {log.message.split(":")[0] for log in logs if log.name == "segflow.train"}
+    assert {"fold 0 epoch 1/1", "fold 1 epoch 1/1"} <= epochs  # relayed from the Ray workers
+    assert all(log.flow_run_id for log in logs if log.name.startswith("segflow"))
 
 
 def test_a_storage_outage_mid_run_is_ridden_out(run):

@@ -3,6 +3,8 @@ task, ``num_gpus=gpus_per_fold``), or in-process with ``executor="inline"``."""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 import traceback
@@ -72,8 +74,41 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
         return fit_fold(cfg, fold)
     import ray
 
+    # The fold logs in its Ray worker, out of reach of the caller's (Prefect's) logger; its
+    # metrics.csv in the object store is rewritten every epoch, so relay the new rows from it.
+    seen = max((int(r["epoch"]) for r in _epoch_rows(cfg, fold)), default=0)
     ref = _submit(cfg, fold, len(_fold_ids(cfg)))
-    return ray.get(ref)
+    while not ray.wait([ref], timeout=EPOCH_POLL_S)[0]:
+        seen = _log_new_epochs(cfg, fold, seen)
+    result = ray.get(ref)
+    _log_new_epochs(cfg, fold, seen)
+    return result
+
+
+EPOCH_POLL_S = 5.0
+
+
+def _epoch_rows(cfg: TrainConfig, fold: int) -> list[dict[str, str]]:
+    out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
+    try:
+        if not out.exists("metrics.csv"):
+            return []
+        return list(csv.DictReader(io.StringIO(out.read_bytes("metrics.csv").decode())))
+    except Exception as e:  # progress lines must never cost the fold
+        log.debug("fold %d: metrics.csv unreadable for now: %s", fold, e)
+        return []
+
+
+def _log_new_epochs(cfg: TrainConfig, fold: int, seen: int) -> int:
+    """Log the epochs of ``fold/metrics.csv`` after epoch ``seen``; returns the last one."""
+    for r in _epoch_rows(cfg, fold):
+        if (epoch := int(r["epoch"])) > seen:
+            log.info(
+                "fold %d epoch %d/%d: train %s val %s dice %s (%s img/s)", fold, epoch,
+                cfg.epochs, r["train_loss"], r["val_loss"], r["val_dice"], r["images_per_s"],
+            )  # fmt: skip
+            seen = epoch
+    return seen
 
 
 def _fold_ids(cfg: TrainConfig) -> list[int]:
