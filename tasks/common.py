@@ -7,13 +7,23 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import Task
+from prefect import State, Task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
 
+from segflow.errors import ConfigError, DatasetError, InputError
 from segflow.storage import StorageOptions, Store, sha256_json
 
 T = TypeVar("T", bound=Task)
+
+
+# Bad configuration or input fails the same way every time: those errors are not retried.
+def worth_retrying(task: Task, task_run: Any, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry anything but segflow's typed config/input errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return not isinstance(exc, (ConfigError, InputError, DatasetError, ValidationError))
+
 
 # Tasks that read and write object storage: 3 more tries, 2 s, 4 s, 8 s apart (+-50% jitter),
 # long enough to ride out a storage restart or a short network outage.
@@ -21,6 +31,7 @@ IO_RETRIES: dict[str, Any] = {
     "retries": 3,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,
+    "retry_condition_fn": worth_retrying,
 }
 CACHED: dict[str, Any] = {"persist_result": True}
 _SECRET_KEYS = ("key", "secret", "token")
