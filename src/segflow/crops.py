@@ -32,6 +32,7 @@ from PIL import Image
 from pydantic import Field
 from scipy import ndimage
 
+from segflow import png
 from segflow.cluster import cpu_count, dask_address
 from segflow.config import StageConfig
 from segflow.errors import InputError
@@ -63,12 +64,9 @@ COLUMNS = (
     "reason",
     "detail",
 )
-# Photo crops barely compress past zlib level 1, while level 6 (Pillow's default) costs ~5x the
-# time of the JPEG decode that precedes it; PNG stays lossless either way.
+# Photo crops barely compress past deflate level 1, while level 6 (Pillow's default) costs ~5x
+# the time of the JPEG decode that precedes it; PNG stays lossless either way.
 PNG_LEVEL = 1
-# zlib's run-length strategy: as small as the default on filtered photo rows and on the flat
-# background of masked crops, and faster
-Z_RLE = 3
 _EIGHT = np.ones((3, 3), dtype=bool)
 _FILL = {"black": 0, "white": 255}
 
@@ -477,12 +475,10 @@ def _write_outputs(
 
 
 def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    img = Image.fromarray(np.ascontiguousarray(arr))
     if fmt == "png":
-        img.save(buf, "PNG", compress_level=PNG_LEVEL, compress_type=Z_RLE)
-    else:
-        img.save(buf, "JPEG", quality=quality)
+        return png.encode(arr, PNG_LEVEL)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segflow.geometry import Placement, ResizePolicy, place, to_frame
+from segflow.png import decode_grey8
 
 #: every reason a file can be quarantined for
 REASONS = (
@@ -115,7 +116,10 @@ def decode_mask(data: bytes, name: str, max_pixels: int) -> tuple[MaskImage, lis
         if name.lower().endswith(TIFF_SUFFIXES):
             img = _mask_from_array(_read_tiff_array(data, name, max_pixels), quirks)
         else:
-            img = _open_pil(data, name, max_pixels)
+            img = _open_pil(data, name, max_pixels)  # the header only: format, size, limit
+            fast = decode_grey8(data) if img.format == "PNG" and img.mode == "L" else None
+            if fast is not None:
+                return MaskImage(Image.fromarray(fast), labels=bool(fast.max() <= 1)), quirks
             img.load()
             if _orientation(img) != 1:
                 img = ImageOps.exif_transpose(img)

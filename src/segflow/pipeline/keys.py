@@ -26,15 +26,15 @@ _PKG = Path(__file__).resolve().parents[1]
 #: the modules each stage runs (relative to src/segflow); a change to any of them invalidates
 #: that stage's cache, and only that stage's
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest", "imaging.py", "geometry.py", "storage.py"),
+    "ingest": ("ingest", "imaging.py", "png.py", "geometry.py", "storage.py"),
     "train": ("train", "metrics.py", "ingest/dataset.py", "storage.py"),
     "oof": ("train/oof.py", "metrics.py", "storage.py"),
     "choose": ("predict/postprocess.py", "metrics.py", "storage.py"),
     "report": ("pipeline/report.py",),
     "version": ("versions.py", "pipeline"),
-    "predict": ("predict", "train/model.py", "imaging.py", "geometry.py", "storage.py"),
-    "evaluate": ("evaluate.py", "imaging.py", "geometry.py", "storage.py"),
-    "crops": ("crops.py", "imaging.py", "storage.py"),
+    "predict": ("predict", "train/model.py", "imaging.py", "png.py", "geometry.py", "storage.py"),
+    "evaluate": ("evaluate.py", "imaging.py", "png.py", "geometry.py", "storage.py"),
+    "crops": ("crops.py", "imaging.py", "png.py", "storage.py"),
 }
 
 
