@@ -30,13 +30,15 @@ are written only by the driver, at the end of a run. Rows [0, n) are committed; 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
 
 from segflow import __version__
 from segflow.errors import DatasetError
@@ -45,6 +47,9 @@ from segflow.storage import Store
 CONTRACT_VERSION = 1
 _IMAGE_CODEC = [ZstdCodec(level=1)]
 _MASK_CODEC = [ZstdCodec(level=3)]  # binary masks shrink ~100x whatever the level
+# chunk keys "c.<row>.0.0.0": one folder per array instead of three new folders per row, which
+# cost more than the row's compression on a local disk
+_FLAT_KEYS = {"name": "default", "separator": "."}
 STR_ARRAYS = ("ids", "groups", "sources", "mask_sources", "content_hashes", "fingerprints")
 INDEX_CHUNK = 65536
 
@@ -73,8 +78,9 @@ def create_or_check(store: Store, size: tuple[int, int], resize: str, layout: st
     h, w = size
     # zstd level 1: within 15% of level 3's size on photos, at half the encode time
     g.create_array(
-        "images", shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8", compressors=_IMAGE_CODEC
-    )
+        "images", shape=(0, h, w, 3), chunks=(1, h, w, 3), dtype="uint8",
+        compressors=_IMAGE_CODEC, chunk_key_encoding=_FLAT_KEYS,
+    )  # fmt: skip
     specs = {
         "has_mask": ((0,), (INDEX_CHUNK,), "bool"),
         "orig_size": ((0, 2), (INDEX_CHUNK, 2), "int32"),
@@ -108,10 +114,45 @@ def ensure_capacity(g: zarr.Group, n: int, with_masks: bool) -> None:
             chunks=(1, h, w),
             dtype="uint8",
             compressors=_MASK_CODEC,
+            chunk_key_encoding=_FLAT_KEYS,
         )
     for name in ("images", "masks"):
         if name in g and g[name].shape[0] < n:
             g[name].resize((n, *g[name].shape[1:]))
+
+
+RowEncoder = Callable[[int, np.ndarray], tuple[str, bytes]]
+
+
+def row_encoder(arr: zarr.Array) -> RowEncoder | None:
+    """``encode(i, row) -> (key, bytes)``: row ``i``'s chunk, byte for byte as zarr would
+    store it, under its key relative to the dataset root. For the layout this module creates
+    (uint8, one row per chunk, bytes + zstd, no sharding), where it spares ingest workers
+    zarr's per-chunk overhead (~4 ms, as much as the compression); ``None`` for any other
+    layout, which is then written through zarr. Each row is still its chunk's only writer."""
+    meta = arr.metadata
+    codecs = getattr(meta, "codecs", ())
+    plain = (
+        arr.metadata.zarr_format == 3
+        and arr.dtype == np.uint8
+        and tuple(arr.chunks) == (1, *arr.shape[1:])
+        and len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and isinstance(codecs[1], ZstdCodec)
+    )
+    if not plain:
+        return None
+    zstd = Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
+    row_shape, rest = tuple(arr.shape[1:]), (0,) * (arr.ndim - 1)
+
+    def encode(i: int, row: np.ndarray) -> tuple[str, bytes]:
+        if row.shape != row_shape or row.dtype != np.uint8:
+            raise ValueError(f"row of {row.dtype} {row.shape} for {arr.path} of uint8 {row_shape}")
+        return f"{arr.path}/{meta.encode_chunk_key((i, *rest))}", zstd.encode(
+            np.ascontiguousarray(row)
+        )
+
+    return encode
 
 
 @dataclass

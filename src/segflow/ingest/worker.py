@@ -24,6 +24,7 @@ from segflow.imaging import (
     image_to_frame,
     mask_to_frame,
 )
+from segflow.ingest.dataset import row_encoder
 from segflow.storage import Store, sha256_bytes
 
 STAGING = "_staging"
@@ -87,19 +88,25 @@ def process_batch(slots: list[Slot], ctx: WorkerContext) -> int:
 
 
 def _write_pixels(ctx: WorkerContext, decoded: list) -> None:
-    """One zarr call per run of consecutive slots: zarr then encodes and stores the run's
-    chunks concurrently. The chunks are this batch's own, so there is still one writer each."""
+    """Store this batch's image and mask rows. The chunks are the batch's own, so each still
+    has one writer."""
     if not decoded:
         return
     zs = ctx.dataset.zarr_store()
     images = zarr.open_array(zs, path="images", mode="r+")
-    masks = zarr.open_array(zs, path="masks", mode="r+") if _has_masks(zs) else None
-    for run in _runs([(s.index, image) for s, image, _, _ in decoded]):
-        images[run[0][0] : run[-1][0] + 1] = np.stack([a for _, a in run])
-    if masks is not None:
-        labelled = [(s.index, mask) for s, _, mask, _ in decoded if mask is not None]
-        for run in _runs(labelled):
-            masks[run[0][0] : run[-1][0] + 1] = np.stack([a for _, a in run])
+    _store_rows(ctx, images, [(s.index, image) for s, image, _, _ in decoded])
+    if _has_masks(zs):
+        masks = zarr.open_array(zs, path="masks", mode="r+")
+        _store_rows(ctx, masks, [(s.index, m) for s, _, m, _ in decoded if m is not None])
+
+
+def _store_rows(ctx: WorkerContext, arr: zarr.Array, rows: list[tuple[int, np.ndarray]]) -> None:
+    if (encode := row_encoder(arr)) is not None:  # the dataset's own layout: chunk by chunk
+        for index, row in rows:
+            ctx.dataset.write_bytes(*encode(index, row), durable=False)
+        return
+    for run in _runs(rows):  # any other layout: one zarr call per run of consecutive rows
+        arr[run[0][0] : run[-1][0] + 1] = np.stack([a for _, a in run])
 
 
 def _runs(items: list[tuple[int, np.ndarray]]) -> list[list[tuple[int, np.ndarray]]]:
