@@ -13,9 +13,10 @@ stretched, it times:
 Each is repeated ``--repeats`` times and the best (shortest) is reported. Targets: segflow is
 at least 4x the naive baseline and at least 0.9x the decode floor.
 
-``--memory`` also runs segflow ingest in a fresh subprocess on the 32 full-resolution images
-and on the 2,000-image train set (both to 256x256) and reports each child's peak RSS: it
-should stay flat as the number of images grows.
+``--memory`` also runs segflow ingest in a fresh subprocess on the 32 full-resolution images,
+on the last 250 of the 2,000-image train set and on all of it (all to 256x256) and reports
+each child's peak RSS: from 250 to 2,000 images of the same kind it should stay flat (the
+train set's masks reach 30 MP, so its peak is set by its largest files, not by its count).
 
     python benchmarks/ingest.py [--repeats 3] [--memory] [--json] [--check] [--data DIR]
 """
@@ -306,17 +307,41 @@ def child_main(images: str, masks: str, dataset: str, h: int, w: int) -> None:
     print(json.dumps(figures))
 
 
+def linked_subset(root: Path, n: int, tmp: Path) -> Path:
+    """The last ``n`` image/mask pairs of ``root`` (by name) as symlinks under ``tmp``."""
+    for sub in ("images", "masks"):
+        (tmp / sub).mkdir(parents=True)
+    for image, mask in find_pairs(root)[-n:]:
+        (tmp / "images" / Path(image).name).symlink_to(image)
+        (tmp / "masks" / Path(mask).name).symlink_to(mask)
+    return tmp
+
+
+# the last 250 train pairs (by name) hold the largest masks (up to 30 MP), as the full set does
+MEMORY_RUNS = {  # name -> (label, folder under isic2017, last n pairs or None for all)
+    "fullres": ("fullres (32, big JPEGs)", "fullres", None),
+    "train_250": ("train, last 250", "train", 250),
+    "train": ("train (2000)", "train", None),
+}
+
+
 def memory_report(isic: Path) -> dict | None:
-    runs = {"fullres": isic / "fullres", "train": isic / "train"}
-    missing = [str(p) for p in runs.values() if not (p / "images").is_dir()]
+    missing = [
+        str(isic / d) for _, d, _ in MEMORY_RUNS.values() if not (isic / d / "images").is_dir()
+    ]
     if missing:
         print(f"memory: skipped, data not found: {', '.join(missing)}")
         return None
     out: dict = {}
-    for name, root in runs.items():
+    for name, (_, folder, n) in MEMORY_RUNS.items():
         print(f"  memory run: {name} ...", file=sys.stderr)
-        out[name] = run_child(root / "images", root / "masks", MEMORY_SIZE)
-    out["peak_rss_ratio"] = round(out["train"]["peak_rss_mib"] / out["fullres"]["peak_rss_mib"], 3)
+        with tempfile.TemporaryDirectory(prefix="segflow-bench-subset-") as tmp:
+            root = linked_subset(isic / folder, n, Path(tmp)) if n else isic / folder
+            out[name] = run_child(root / "images", root / "masks", MEMORY_SIZE)
+    # the same kind of images (the same largest ones), 8x as many: what grows with N
+    out["peak_rss_ratio"] = round(
+        out["train"]["peak_rss_mib"] / out["train_250"]["peak_rss_mib"], 3
+    )
     return out
 
 
@@ -325,16 +350,15 @@ def print_memory(mem: dict) -> None:
     print()
     print(f"peak memory: segflow ingest in a fresh subprocess, to {h}x{w}, {cores()} cores")
     print(f"{'':24}{'images':>8}{'seconds':>10}{'img/s':>10}{'peak RSS':>12}{'after import':>14}")
-    for name, label in (("fullres", "fullres (32, big JPEGs)"), ("train", "train (2000)")):
+    for name, (label, _, _) in MEMORY_RUNS.items():
         r = mem[name]
         print(
             f"{label:24}{r['n_images']:8d}{r['seconds']:10.2f}{r['images_per_s']:10.2f}"
             f"{r['peak_rss_mib']:8.1f} MiB{r['rss_after_imports_mib']:10.1f} MiB"
         )
-    print(f"peak RSS ratio, train / fullres = {mem['peak_rss_ratio']:.2f}x")
+    print(f"peak RSS ratio, train 2000 / train 250 = {mem['peak_rss_ratio']:.2f}x")
 
 
-# -- main -----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
