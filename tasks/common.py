@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import State, Task
+from prefect import State, Task, task
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
@@ -34,6 +34,23 @@ IO_RETRIES: dict[str, Any] = {
     "retry_condition_fn": worth_retrying,
 }
 CACHED: dict[str, Any] = {"persist_result": True}
+
+
+def stage_task(
+    name: str, key: Callable[[dict[str, Any]], str], *, io: bool = True, run_name: str | None = None
+) -> Callable[[Callable[..., Any]], Task]:
+    """A segflow stage as a Prefect task: its result persisted under ``key(parameters)`` (input
+    content hashes + stage config + code version, never the run id, so a later run reuses it),
+    with :data:`IO_RETRIES` when it reads or writes object storage (``io``)."""
+    return task(
+        name=name,
+        task_run_name=run_name,
+        cache_key_fn=lambda _, parameters: key(parameters),
+        **CACHED,
+        **(IO_RETRIES if io else {}),
+    )
+
+
 _SECRET_KEYS = ("key", "secret", "token")
 
 
