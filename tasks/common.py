@@ -82,7 +82,7 @@ class _InRunOnly(logging.Handler):
     a library call after a flow) Prefect's API handler would only warn that there is no run."""
 
     def __init__(self, inner: logging.Handler) -> None:
-        super().__init__()
+        super().__init__(inner.level)  # keep the inner handler's level filter
         self.inner = inner
 
     def emit(self, record: logging.LogRecord) -> None:

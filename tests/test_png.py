@@ -16,21 +16,18 @@ from segflow.imaging import decode_mask
 from segflow.png import decode_grey8, encode, unfilter
 
 
-def _png(rows: list[bytes], w: int, *, depth=8, colour=0, interlace=0, extra=b"") -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    header = struct.pack(">IIBBBBB", w, len(rows), depth, colour, 0, 0, interlace)
+
+def _png(rows: list[bytes], w: int, *, depth=8, colour=0, interlace=0, extra=b"", h=None) -> bytes:
+    header = struct.pack(">IIBBBBB", w, h or len(rows), depth, colour, 0, 0, interlace)
     body = zlib.compress(b"".join(rows))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + extra
-        + chunk(b"IDAT", body)
-        + chunk(b"IEND", b"")
-    )
+    idat = _chunk(b"IDAT", body)
+    return SIG + _chunk(b"IHDR", header) + extra + idat + _chunk(b"IEND", b"")
+
+
+SIG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_none_sub_and_up_rows_by_hand():
@@ -85,26 +82,80 @@ def _idat(data: bytes) -> bytes:
     return out
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["rgb", "16-bit", "interlaced", "paeth", "average", "bad-crc", "truncated", "exif", "jpeg"],
-)
+def _splice_ihdr(data: bytes, extra: bytes) -> bytes:
+    """The same PNG with ``extra`` bytes appended to its IHDR (and a valid CRC)."""
+    return data[:8] + _chunk(b"IHDR", data[16:29] + extra) + data[33:]
+
+
+def _split_idat(data: bytes) -> bytes:
+    """The same PNG with its IDAT cut in two and a gAMA chunk between the halves."""
+    (n,) = struct.unpack(">I", data[33:37])
+    body = data[41 : 41 + n]
+    halves = _chunk(b"IDAT", body[:4]) + _chunk(b"gAMA", b"\0\0\0\1") + _chunk(b"IDAT", body[4:])
+    return data[:33] + halves + data[45 + n :]
+
+
+def _second_ihdr(data: bytes) -> bytes:
+    """A 1x1 header after the pixels: it must not replace the one the caller checked."""
+    late = _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+    return data[:-12] + late + _chunk(b"IEND", b"")
+
+
+ROW = bytes([0, 1, 2])
+LEFT_TO_PILLOW = {
+    "rgb": lambda: _png([bytes([0, 1, 2, 3, 4, 5, 6])], 2, colour=2),
+    "16-bit": lambda: _png([bytes([0, 0, 1, 0, 2])], 2, depth=16),
+    "interlaced": lambda: _png([ROW], 2, interlace=1),
+    "paeth": lambda: _png([ROW, bytes([4, 1, 1])], 2),
+    "average": lambda: _png([ROW, bytes([3, 1, 1])], 2),
+    "bad-crc": lambda: _flip(_png([ROW], 2), -16),  # the IDAT's CRC (IEND: the last 12 bytes)
+    "truncated": lambda: _png([ROW, ROW], 2)[:-30],
+    "exif": lambda: _png([ROW], 2, extra=_chunk(b"eXIf", b"")),
+    # an orientation in XMP is applied by Pillow, so any text chunk leaves the file to it
+    "xmp": lambda: _png([ROW], 2, extra=_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0<x/>")),
+    "long-ihdr": lambda: _splice_ihdr(_png([ROW], 2), b"\0"),
+    "second-ihdr": lambda: _second_ihdr(_png([ROW], 2)),
+    "split-idat": lambda: _split_idat(_png([ROW, ROW], 2)),
+    "too-long": lambda: _png([ROW, ROW, ROW], 2, h=2),  # more rows than the header says
+    "too-short": lambda: _png([ROW], 2, h=2),
+    "jpeg": lambda: b"\xff\xd8\xff\xe0" + b"\0" * 20,
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEFT_TO_PILLOW))
 def test_everything_else_is_left_to_pillow(case):
-    row = bytes([0, 1, 2])
-    data = {
-        "rgb": _png([bytes([0, 1, 2, 3, 4, 5, 6])], 2, colour=2),
-        "16-bit": _png([bytes([0, 0, 1, 0, 2])], 2, depth=16),
-        "interlaced": _png([row], 2, interlace=1),
-        "paeth": _png([row, bytes([4, 1, 1])], 2),
-        "average": _png([row, bytes([3, 1, 1])], 2),
-        "bad-crc": _flip(_png([row], 2), -16),  # the IDAT's CRC (IEND is the last 12 bytes)
-        "truncated": _png([row, row], 2)[:-30],
-        "exif": _png(
-            [row], 2, extra=struct.pack(">I", 0) + b"eXIf" + struct.pack(">I", zlib.crc32(b"eXIf"))
-        ),
-        "jpeg": b"\xff\xd8\xff\xe0" + b"\0" * 20,
-    }[case]
-    assert decode_grey8(data) is None
+    assert decode_grey8(LEFT_TO_PILLOW[case]()) is None
+
+
+def test_the_helpers_above_make_decodable_pngs_when_left_alone():
+    # so each case above fails for its own reason, not for a broken helper
+    assert decode_grey8(_png([ROW, ROW], 2)) is not None
+    data = _split_idat(_png([ROW, ROW], 2))
+    assert np.asarray(Image.open(io.BytesIO(_png([ROW, ROW], 2)))).shape == (2, 2)
+    assert data.count(b"IDAT") == 2
+
+
+def test_a_small_file_claiming_huge_rows_is_never_inflated_past_its_header():
+    """~100 kB of deflate that inflates to 100 MB, under a 10x10 header: the decoder stops at
+    the 110 bytes the header needs and leaves the file to Pillow."""
+    import tracemalloc
+
+    bomb = zlib.compress(b"\0" * 100_000_000, 9)
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 10, 10, 8, 0, 0, 0, 0))
+    data = SIG + header + _chunk(b"IDAT", bomb) + _chunk(b"IEND", b"")
+    tracemalloc.start()
+    try:
+        assert decode_grey8(data, (10, 10)) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, f"inflating used {peak:,} bytes"
+
+
+def test_a_header_that_differs_from_the_checked_size_is_left_to_pillow():
+    data = _png([ROW] * 3, 2)
+    assert decode_grey8(data, (2, 3)) is not None
+    assert decode_grey8(data, (3, 2)) is None
 
 
 def _flip(data: bytes, at: int) -> bytes:

@@ -117,7 +117,8 @@ def decode_mask(data: bytes, name: str, max_pixels: int) -> tuple[MaskImage, lis
             img = _mask_from_array(_read_tiff_array(data, name, max_pixels), quirks)
         else:
             img = _open_pil(data, name, max_pixels)  # the header only: format, size, limit
-            fast = decode_grey8(data) if img.format == "PNG" and img.mode == "L" else None
+            grey_png = img.format == "PNG" and img.mode == "L"
+            fast = decode_grey8(data, img.size) if grey_png else None
             if fast is not None:
                 return MaskImage(Image.fromarray(fast), labels=bool(fast.max() <= 1)), quirks
             img.load()

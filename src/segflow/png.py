@@ -26,25 +26,30 @@ _GREY, _DEPTH8, _NOT_INTERLACED = 0, 8, 0
 _NONE, _SUB, _UP = 0, 1, 2
 
 
-def decode_grey8(data: bytes) -> np.ndarray | None:
+def decode_grey8(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray | None:
     """(H, W) uint8 pixels of an 8-bit greyscale, non-interlaced PNG whose rows use only the
-    None/Sub/Up filters; ``None`` for anything else (decode that with Pillow)."""
+    None/Sub/Up filters; ``None`` for anything else (decode that with Pillow). ``size``: the
+    (W, H) the caller already checked against its pixel limit (Pillow's header parse); a file
+    whose header says otherwise is left to Pillow. Inflating stops at the bytes W x H needs, so
+    a small file claiming gigabytes of rows never gets them."""
     if not data.startswith(SIGNATURE):
         return None
     try:
         header, idat = _chunks(data)
+        w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
     except (struct.error, ValueError):
         return None
-    if header is None or not idat:
-        return None
-    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
     if (depth, colour, interlace) != (_DEPTH8, _GREY, _NOT_INTERLACED) or not (w and h):
         return None
+    if size is not None and (w, h) != tuple(size):
+        return None
+    want = h * (w + 1)
+    inflate = _zlib.decompressobj()
     try:
-        raw = _zlib.decompress(idat)
+        raw = inflate.decompress(idat, want + 1)  # bounded: one byte over means "too long"
     except _zlib.error:
         return None
-    if len(raw) != h * (w + 1):
+    if len(raw) != want or inflate.unconsumed_tail:
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
     return unfilter(rows[:, 0], rows[:, 1:])
@@ -107,10 +112,15 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
 
-def _chunks(data: bytes) -> tuple[bytes | None, bytes]:
-    """IHDR payload and the joined IDAT payloads; raises ValueError on a damaged chunk or an
-    EXIF orientation."""
-    pos, header, idat = len(SIGNATURE), None, []
+# text chunks can carry an EXIF orientation (XMP, "Raw profile type exif") that Pillow applies
+_LEFT_TO_PILLOW = (b"eXIf", b"iTXt", b"tEXt", b"zTXt")
+
+
+def _chunks(data: bytes) -> tuple[bytes, bytes]:
+    """The IHDR payload and the joined IDAT payloads. Raises ValueError on anything the fast
+    path must not guess about: a damaged or repeated header, a bad CRC, a truncated chunk,
+    IDATs that are not consecutive, or a chunk that may carry an orientation."""
+    pos, header, idat, idat_done = len(SIGNATURE), None, [], False
     while pos + 12 <= len(data):
         (n,) = struct.unpack(">I", data[pos : pos + 4])
         kind = data[pos + 4 : pos + 8]
@@ -121,12 +131,20 @@ def _chunks(data: bytes) -> tuple[bytes | None, bytes]:
         if kind in (b"IHDR", b"IDAT") and _zlib.crc32(body, _zlib.crc32(kind)) != crc:
             raise ValueError(f"bad CRC in {kind!r}")
         if kind == b"IHDR":
+            if header is not None or pos != len(SIGNATURE) or n != 13:
+                raise ValueError("IHDR must come first, once, with 13 bytes")
             header = body
         elif kind == b"IDAT":
+            if idat_done:
+                raise ValueError("IDAT chunks are not consecutive")
             idat.append(body)
-        elif kind == b"eXIf":  # may rotate the mask: Pillow's path applies the orientation
-            raise ValueError("eXIf chunk: left to Pillow")
+        elif kind in _LEFT_TO_PILLOW:
+            raise ValueError(f"{kind!r} chunk: left to Pillow")
         elif kind == b"IEND":
             break
+        elif idat:
+            idat_done = True
         pos += 12 + n
+    if header is None or not idat:
+        raise ValueError("no IHDR or no IDAT")
     return header, b"".join(idat)

@@ -32,12 +32,14 @@ def test_rows_written_chunk_by_chunk_read_back_through_zarr(local):
     np.testing.assert_array_equal(g["images"][1], 0)  # never written: the fill value
 
 
-def test_a_row_of_the_wrong_shape_is_refused(local):
+def test_a_row_of_the_wrong_shape_or_past_the_end_is_refused(local):
     g = create_or_check(local.store("ds.zarr"), (8, 8), "stretch", "folder")
     ensure_capacity(g, 1, with_masks=False)
     encode = row_encoder(g["images"])
     with pytest.raises(ValueError, match=r"\(8, 9, 3\) for images of uint8 \(8, 8, 3\)"):
         encode(0, np.zeros((8, 9, 3), np.uint8))
+    with pytest.raises(IndexError, match="row 1 is outside images's 1 rows"):
+        encode(1, np.zeros((8, 8, 3), np.uint8))  # zarr's setitem would refuse it too
 
 
 def test_other_layouts_are_left_to_zarr(local):

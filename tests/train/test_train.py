@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import zarr
 
 from segflow.errors import InputError
 from segflow.storage import Store
-from segflow.train import fit_fold, load_model, train
+from segflow.train import TrainConfig, fit_fold, load_model, train
 from segflow.train.model import build_model, load_checkpoint, load_spec
 from tests.train.conftest import make_dataset, small_config
 
@@ -168,3 +169,20 @@ def test_training_on_s3(s3_endpoint):
         "fold.complete.json",
     }  # fmt: skip
     assert np.isfinite(float(_metrics(fold)[0]["val_dice"]))
+
+
+def test_epoch_relay_reads_metrics_and_survives_a_damaged_file(tmp_path, caplog):
+    from segflow.train.run import _log_new_epochs
+
+    cfg = TrainConfig(dataset=str(tmp_path / "ds"), models=str(tmp_path / "m"), epochs=3)
+    fold = tmp_path / "m" / "fold-1"
+    fold.mkdir(parents=True)
+    head = "epoch,lr,train_loss,val_loss,val_dice,images_per_s\n"
+    (fold / "metrics.csv").write_text(head + "1,0.001,0.9,0.8,0.5,12.0\n2,0.001,0.7,0.6,0.6,12.5\n")
+    with caplog.at_level(logging.INFO, logger="segflow.train"):
+        assert _log_new_epochs(cfg, 1, 1) == 2  # epoch 1 was logged before
+    assert [r.getMessage() for r in caplog.records] == [
+        "fold 1 epoch 2/3: train 0.7 val 0.6 dice 0.6 (12.5 img/s)"
+    ]
+    (fold / "metrics.csv").write_text(head + "two,0.001\n")  # mid-rewrite, or damaged
+    assert _log_new_epochs(cfg, 1, 2) == 2  # nothing new, and no exception to end the wait

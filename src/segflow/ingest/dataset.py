@@ -148,6 +148,8 @@ def row_encoder(arr: zarr.Array) -> RowEncoder | None:
     row_shape, rest = tuple(arr.shape[1:]), (0,) * (arr.ndim - 1)
 
     def encode(i: int, row: np.ndarray) -> tuple[str, bytes]:
+        if not 0 <= i < arr.shape[0]:
+            raise IndexError(f"row {i} is outside {arr.path}'s {arr.shape[0]} rows")
         if row.shape != row_shape or row.dtype != np.uint8:
             raise ValueError(f"row of {row.dtype} {row.shape} for {arr.path} of uint8 {row_shape}")
         return f"{arr.path}/{meta.encode_chunk_key((i, *rest))}", zstd.encode(

@@ -76,7 +76,7 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
 
     # The fold logs in its Ray worker, out of reach of the caller's (Prefect's) logger; its
     # metrics.csv in the object store is rewritten every epoch, so relay the new rows from it.
-    seen = max((int(r["epoch"]) for r in _epoch_rows(cfg, fold)), default=0)
+    seen = max((epoch for epoch, _ in _epoch_rows(cfg, fold)), default=0)
     ref = _submit(cfg, fold, len(_fold_ids(cfg)))
     while not ray.wait([ref], timeout=EPOCH_POLL_S)[0]:
         seen = _log_new_epochs(cfg, fold, seen)
@@ -88,25 +88,31 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
 EPOCH_POLL_S = 5.0
 
 
-def _epoch_rows(cfg: TrainConfig, fold: int) -> list[dict[str, str]]:
+def _epoch_rows(cfg: TrainConfig, fold: int) -> list[tuple[int, str]]:
+    """``(epoch, progress line)`` per row of the fold's metrics.csv, as far as it can be read."""
     out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
     try:
         if not out.exists("metrics.csv"):
             return []
-        return list(csv.DictReader(io.StringIO(out.read_bytes("metrics.csv").decode())))
-    except Exception as e:  # progress lines must never cost the fold
+        rows = csv.DictReader(io.StringIO(out.read_bytes("metrics.csv").decode()))
+        return [
+            (
+                int(r["epoch"]),
+                f"train {r['train_loss']} val {r['val_loss']} dice {r['val_dice']} "
+                f"({r['images_per_s']} img/s)",
+            )
+            for r in rows
+        ]
+    except Exception as e:  # progress lines must never cost the fold (a retry would rerun it)
         log.debug("fold %d: metrics.csv unreadable for now: %s", fold, e)
         return []
 
 
 def _log_new_epochs(cfg: TrainConfig, fold: int, seen: int) -> int:
     """Log the epochs of ``fold/metrics.csv`` after epoch ``seen``; returns the last one."""
-    for r in _epoch_rows(cfg, fold):
-        if (epoch := int(r["epoch"])) > seen:
-            log.info(
-                "fold %d epoch %d/%d: train %s val %s dice %s (%s img/s)", fold, epoch,
-                cfg.epochs, r["train_loss"], r["val_loss"], r["val_dice"], r["images_per_s"],
-            )  # fmt: skip
+    for epoch, line in _epoch_rows(cfg, fold):
+        if epoch > seen:
+            log.info("fold %d epoch %d/%d: %s", fold, epoch, cfg.epochs, line)
             seen = epoch
     return seen
 
