@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from segflow.pipeline.artifacts import Progress, describe_run, publish_segmentation
 from segflow.pipeline.config import FlowConfig
-from tasks.common import route_logs, stored_in
+from tasks.common import start_flow
 from tasks.segment import (
     crop_masks,
     evaluate_predictions,
@@ -31,9 +31,8 @@ from tasks.segment import (
 def segment_flow(
     source: str, models_url: str, out_url: str, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    route_logs()
     cfg = FlowConfig.parse(config)
-    cached = stored_in(f"{out_url.rstrip('/')}/_prefect", cfg.storage)
+    cached = start_flow(out_url, cfg.storage)
 
     version = cached(resolve_model_version)(models_url, cfg.version, cfg.storage)
     predict_cfg = cfg.predict_config(version.models, source, out_url)

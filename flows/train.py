@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from segflow.pipeline.artifacts import describe_run, publish_training
 from segflow.pipeline.config import FlowConfig
 from segflow.pipeline.stages import training_run
-from tasks.common import route_logs, stored_in
+from tasks.common import start_flow
 from tasks.train import (
     choose_postprocessing,
     evaluate_oof,
@@ -33,9 +33,8 @@ from tasks.train import (
 def train_flow(
     dataset_source: str, layout: str, models_url: str, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    route_logs()
     cfg = FlowConfig.parse(config)
-    cached = stored_in(f"{models_url.rstrip('/')}/_prefect", cfg.storage)
+    cached = start_flow(models_url, cfg.storage)
 
     dataset = cached(ingest_dataset)(cfg.ingest_config(dataset_source, layout, models_url))
     train_cfg = training_run(cfg, models_url, dataset)

@@ -76,6 +76,14 @@ def stored_in(url: str, storage: StorageOptions) -> Callable[[T], T]:
     return lambda t: t.with_options(result_storage=block)
 
 
+def start_flow(home: str, storage: StorageOptions) -> Callable[[T], T]:
+    """What every segflow flow does first: route segflow's logs to the run, and keep its task
+    results and cache records in ``<home>/_prefect``, beside the artifacts they describe.
+    Returns ``cached``: ``cached(task)`` is the task stored there."""
+    route_logs()
+    return stored_in(f"{home.rstrip('/')}/_prefect", storage)
+
+
 class _InRunOnly(logging.Handler):
     """Forwards a record to Prefect's handler only inside a flow or task run. Once routed, the
     ``segflow`` loggers stay routed for the life of the process; outside a run (a CLI command or
