@@ -97,6 +97,10 @@ def ingest(
     ] = None,
     annotations: Annotated[str | None, typer.Option(help="luna: annotations CSV URL")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="reject larger images")] = None,
+    mask_positive: Annotated[
+        str | None,
+        typer.Option(help="mask foreground: auto | nonzero | ge128", show_default="auto"),
+    ] = None,
     require_masks: Annotated[
         bool | None, typer.Option("--require-masks/--allow-unlabeled", show_default=False)
     ] = None,
@@ -126,6 +130,7 @@ def ingest(
         mask_template=mask_template,
         annotations=annotations,
         max_pixels=max_pixels,
+        mask_positive=mask_positive,
         require_masks=require_masks,
         strict=strict,
         storage=_storage(endpoint_url),

@@ -8,12 +8,16 @@ Images become uint8 RGB (greyscale is replicated to 3 channels later, after resi
 from __future__ import annotations
 
 import io
+import math
+import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
+from segflow.errors import InputError
 from segflow.geometry import Placement, ResizePolicy, place, to_frame
 from segflow.png import decode_grey8
 
@@ -33,10 +37,20 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 # EXIF orientations 5..8 swap width and height.
 _SWAPS_AXES = {5, 6, 7, 8}
+#: bytes a decode may allocate per pixel of the pixel limit: an RGBA image of 16-bit samples.
+#: Every decoder checks what it would allocate against ``max_pixels * BYTES_PER_PIXEL``
+#: before allocating it, whatever the format stores: samples, pages, depth or bit depth.
+BYTES_PER_PIXEL = 8
+#: which mask pixels are foreground: ``ge128`` (>= 128), ``nonzero`` (!= 0), or ``auto``:
+#: a {0, 1} map and a label map whose largest value is below 128 by ``nonzero`` (quirk
+#: ``mask_label_map`` for the latter), anything reaching 128 by ``ge128``
+MaskPositive = Literal["auto", "nonzero", "ge128"]
+MASK_POSITIVE: tuple[str, ...] = ("auto", "nonzero", "ge128")
 
 
-class Rejected(Exception):
-    """A file cannot be ingested; ``reason`` is one of :data:`REASONS`."""
+class Rejected(InputError):
+    """A file cannot be decoded; ``reason`` is one of :data:`REASONS` and ``detail`` names the
+    file and what is wrong with it."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -67,6 +81,17 @@ def decode_image(
     the resize needs (Pillow ``draft``), which is several times faster for large sources."""
     if not data:
         raise Rejected("unreadable", f"{name} is empty (0 bytes)")
+    try:
+        return _decode_image(data, name, max_pixels, target, policy)
+    except Rejected:
+        raise
+    except Exception as e:  # a decoder of untrusted bytes may raise anything: name the file
+        raise Rejected("unreadable", f"{name}: {_describe(e)}") from None
+
+
+def _decode_image(
+    data: bytes, name: str, max_pixels: int, target: tuple[int, int] | None, policy: ResizePolicy
+) -> Decoded:
     if name.lower().endswith(TIFF_SUFFIXES):
         return _decode_tiff(data, name, max_pixels)
     img = _open_pil(data, name, max_pixels)
@@ -78,10 +103,7 @@ def decode_image(
         ch, cw = place((h, w), target, policy).content_hw
         want = (ch, cw) if orientation in _SWAPS_AXES else (cw, ch)  # draft works on raw axes
         img.draft(img.mode if img.mode in ("RGB", "L") else None, want)
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected("unreadable", f"{name}: {e}") from None
+    img.load()
     quirks: list[str] = []
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
@@ -94,24 +116,55 @@ def decode_image(
 
 @dataclass
 class MaskImage:
-    """A decoded mask, mode "L", oriented as displayed. ``labels``: values are already {0,1};
-    otherwise pixels >= 128 are foreground. Values are inspected and thresholded after the
-    nearest-neighbour resize into the frame: the same result, at a fraction of the cost on a
-    6-megapixel mask (anti-aliased edges are sampled densely enough to be seen there)."""
+    """A decoded mask, mode "L", oriented as displayed, and the rule that makes it binary
+    (``nonzero`` or ``ge128``), decided on the full mask by :func:`positive_rule`. The rule is
+    applied after the nearest-neighbour resize into the frame: the same result, at a fraction
+    of the cost on a 6-megapixel mask."""
 
     image: Image.Image
-    labels: bool  # values are already {0, 1}
+    rule: Literal["nonzero", "ge128"]
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
 
+    @property
+    def labels(self) -> bool:
+        """Whether any non-zero value is foreground (the values are labels, not levels)."""
+        return self.rule == "nonzero"
 
-def decode_mask(data: bytes, name: str, max_pixels: int) -> tuple[MaskImage, list[str]]:
-    """Mask bytes -> :class:`MaskImage`. Whether it is a {0,1} label map is decided on the
-    full mask (its extrema: one fast pass); the rest of the value check is left to
-    :func:`mask_to_frame`, on the far smaller framed mask."""
+    def binary(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (values of this mask, e.g. resized) -> bool foreground by the rule."""
+        return arr != 0 if self.rule == "nonzero" else arr >= 128
+
+
+def positive_rule(
+    max_value: int, positive: MaskPositive = "auto"
+) -> tuple[Literal["nonzero", "ge128"], list[str]]:
+    """The rule for a mask whose largest value is ``max_value``, and its quirk. ``auto`` never
+    turns a non-empty label map into an empty mask: below 128 everything non-zero counts."""
+    if positive == "nonzero":
+        return "nonzero", []
+    if positive == "ge128":
+        return "ge128", []
+    if positive != "auto":
+        raise ValueError(f"mask_positive must be one of {MASK_POSITIVE}, got {positive!r}")
+    if max_value <= 1:
+        return "nonzero", []
+    if max_value < 128:
+        return "nonzero", ["mask_label_map"]
+    return "ge128", []
+
+
+def decode_mask(
+    data: bytes, name: str, max_pixels: int, positive: MaskPositive = "auto"
+) -> tuple[MaskImage, list[str]]:
+    """Mask bytes -> :class:`MaskImage`. The rule is decided on the full mask (its largest
+    value: one fast pass); the rest of the value check is left to :func:`mask_to_frame`, on
+    the far smaller framed mask."""
     quirks: list[str] = []
+    if not data:
+        raise Rejected("bad_mask", f"{name} is empty (0 bytes)")
     try:
         if name.lower().endswith(TIFF_SUFFIXES):
             img = _mask_from_array(_read_tiff_array(data, name, max_pixels), quirks)
@@ -120,7 +173,8 @@ def decode_mask(data: bytes, name: str, max_pixels: int) -> tuple[MaskImage, lis
             grey_png = img.format == "PNG" and img.mode == "L"
             fast = decode_grey8(data, img.size) if grey_png else None
             if fast is not None:
-                return MaskImage(Image.fromarray(fast), labels=bool(fast.max() <= 1)), quirks
+                rule, rq = positive_rule(int(fast.max(initial=0)), positive)
+                return MaskImage(Image.fromarray(fast), rule), quirks + rq
             img.load()
             if _orientation(img) != 1:
                 img = ImageOps.exif_transpose(img)
@@ -129,17 +183,26 @@ def decode_mask(data: bytes, name: str, max_pixels: int) -> tuple[MaskImage, lis
                 img = _mask_from_array(np.asarray(rgba), quirks)
     except Rejected as r:
         raise Rejected("bad_mask", r.detail) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected("bad_mask", f"{name}: {e}") from None
-    return MaskImage(img, labels=img.getextrema()[1] <= 1), quirks
+    except Exception as e:  # a decoder of untrusted bytes may raise anything: name the file
+        raise Rejected("bad_mask", f"{name}: {_describe(e)}") from None
+    rule, rq = positive_rule(img.getextrema()[1], positive)
+    return MaskImage(img, rule), quirks + rq
 
 
 def _mask_from_array(arr: np.ndarray, quirks: list[str]) -> Image.Image:
-    """Any mask array -> mode "L": label maps in {0,1} keep their values, everything else
-    becomes 0..255 (soft float masks are thresholded at 0.5 here, with the quirk)."""
+    """Any mask array -> mode "L": integer values in 0..255 are kept (label maps stay label
+    maps), wider ones are scaled, soft float masks are thresholded at 0.5 (quirk). With an
+    alpha channel, the mask is the colour, unless the colour is uniform and the alpha is not:
+    then the shape is in the alpha (quirk ``mask_from_alpha``)."""
     if arr.ndim == 3:
-        colour = arr.shape[-1] - 1 if arr.shape[-1] in (2, 4) else arr.shape[-1]  # drop alpha
-        arr = arr[..., :colour].max(axis=-1)  # a mark in any channel counts
+        colour = arr.shape[-1] - 1 if arr.shape[-1] in (2, 4) else arr.shape[-1]
+        alpha = arr[..., colour] if colour < arr.shape[-1] else None
+        rgb = arr[..., :colour]
+        if alpha is not None and rgb.min() == rgb.max() and alpha.min() != alpha.max():
+            arr = alpha
+            quirks.append("mask_from_alpha")
+        else:
+            arr = rgb.max(axis=-1)  # a mark in any channel counts
     if arr.dtype.kind == "f":
         arr = np.nan_to_num(arr.astype(np.float64), nan=0.0)
         if not np.isin(arr, (0.0, 1.0)).all():
@@ -148,8 +211,11 @@ def _mask_from_array(arr: np.ndarray, quirks: list[str]) -> Image.Image:
                 quirks.append("mask_thresholded")
             arr = np.where(arr >= cut, 255, 0)
         arr = arr.astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
     elif arr.dtype != np.uint8:
-        arr = (arr != 0).astype(np.uint8) if arr.max() <= 1 else _to_uint8(arr)
+        in_byte = arr.size and arr.min() >= 0 and arr.max() <= 255
+        arr = arr.astype(np.uint8) if in_byte else _to_uint8(arr)
     return Image.fromarray(np.ascontiguousarray(arr), mode="L")
 
 
@@ -163,12 +229,12 @@ def align_mask(mask: MaskImage, image: Decoded, name: str) -> tuple[MaskImage, l
     if mask.size == (w, h):
         return mask, quirks
     if image.orientation != 1 and mask.size == image.raw_size[::-1]:
-        mask = MaskImage(_transpose_for(mask.image, image.orientation), mask.labels)
+        mask = MaskImage(_transpose_for(mask.image, image.orientation), mask.rule)
         quirks.append("mask_exif_aligned")
         if mask.size == (w, h):
             return mask, quirks
     quirks.append("mask_resized")
-    return MaskImage(mask.image.resize((w, h), Image.Resampling.NEAREST), mask.labels), quirks
+    return MaskImage(mask.image.resize((w, h), Image.Resampling.NEAREST), mask.rule), quirks
 
 
 def image_to_frame(img: Decoded, placement: Placement) -> np.ndarray:
@@ -182,36 +248,81 @@ def image_to_frame(img: Decoded, placement: Placement) -> np.ndarray:
 def mask_to_frame(
     mask: MaskImage | np.ndarray, placement: Placement, quirks: list[str] | None = None
 ) -> np.ndarray:
-    """(H, W) uint8 {0,1} in the target frame, nearest neighbour so no new values appear.
-    A label map in {0,1} is kept; otherwise pixels >= 128 are foreground, and values other
-    than 0/255 add the quirk ``mask_thresholded`` to ``quirks``."""
+    """(H, W) uint8 {0,1} in the target frame, nearest neighbour so no new values appear,
+    made binary by the mask's rule (an array: ``auto``). Adds to ``quirks``:
+    ``mask_thresholded`` when >= 128 drops values other than 0/255, and ``mask_emptied`` when
+    the rule leaves nothing of a mask that had non-zero pixels."""
     if isinstance(mask, np.ndarray):
-        mask = MaskImage(Image.fromarray(mask), labels=bool(mask.max(initial=0) <= 1))
+        rule, _ = positive_rule(int(mask.max(initial=0)))
+        mask = MaskImage(Image.fromarray(mask), rule)
     arr = np.asarray(to_frame(mask.image, placement, nearest=True))
-    if mask.labels:
-        return np.ascontiguousarray(arr, dtype=np.uint8)
-    values = set(np.flatnonzero(np.bincount(arr.ravel(), minlength=256)).tolist())
-    if quirks is not None and not values <= {0, 255}:
-        quirks.append("mask_thresholded")
-    return np.ascontiguousarray((arr >= 128).view(np.uint8))
+    if mask.rule == "nonzero":
+        out = arr != 0
+    else:
+        counts = np.bincount(arr.ravel(), minlength=256)
+        if quirks is not None and counts[1:255].any():
+            quirks.append("mask_thresholded")
+        out = arr >= 128
+        if quirks is not None and counts[1:].any() and not counts[128:].any():
+            quirks.append("mask_emptied")
+    return np.ascontiguousarray(out.view(np.uint8))
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def check_decode_size(
+    name: str,
+    hw: tuple[int, int],
+    shape: tuple[int, ...],
+    itemsize: int,
+    max_pixels: int,
+    what: str = "decoding",
+) -> None:
+    """Refuse a decode before it allocates: the plane ``hw`` must hold at most ``max_pixels``
+    pixels, and the array it produces (``shape`` of ``itemsize``-byte items: every page,
+    sample and plane counted) at most ``max_pixels * BYTES_PER_PIXEL`` bytes."""
+    h, w = hw
+    if h * w > max_pixels:
+        raise Rejected(
+            "too_large",
+            f"{name} is {w}x{h} = {h * w:,} pixels, over the limit of {max_pixels:,}; raise "
+            "max_pixels if the file is trusted",
+        )
+    need = math.prod(shape) * itemsize
+    budget = max_pixels * BYTES_PER_PIXEL
+    if need > budget:
+        raise Rejected(
+            "too_large",
+            f"{name}: {what} would allocate {need:,} bytes (shape {tuple(shape)} of "
+            f"{itemsize}-byte values), over the limit of {budget:,} bytes (max_pixels "
+            f"{max_pixels:,} x {BYTES_PER_PIXEL}); raise max_pixels if the file is trusted",
+        )
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _describe(e: BaseException) -> str:
+    """An exception as text, without the repr of the in-memory buffer it was decoding (the
+    caller names the file instead)."""
+    text = _OBJECT_REPR.sub("the data", str(e)).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _open_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise Rejected("too_large", f"{name}: {e}") from None
+        raise Rejected("too_large", f"{name}: {_describe(e)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise Rejected("unreadable", f"{name} is not an image Pillow can read ({e})") from None
-    if img.width * img.height > max_pixels:
         raise Rejected(
-            "too_large",
-            f"{name} is {img.width}x{img.height} = {img.width * img.height:,} pixels, over the "
-            f"limit of {max_pixels:,}; raise max_pixels if the file is trusted",
-        )
+            "unreadable", f"{name} is not an image Pillow can read ({_describe(e)})"
+        ) from None
+    mode = ImageMode.getmode(img.mode)
+    itemsize = np.dtype(mode.typestr).itemsize
+    shape = (img.height, img.width, len(mode.bands))
+    check_decode_size(name, (img.height, img.width), shape, itemsize, max_pixels)
     return img
 
 
@@ -278,23 +389,30 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def _read_tiff_array(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """The first page of a TIFF as (H, W) or (H, W, C), its size checked before decoding."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            shape = page.shape
+            shape, dtype = tuple(page.shape), page.dtype
+            if dtype is None or not shape:
+                raise Rejected("unreadable", f"{name}: TIFF page with no decodable pixel type")
             hw = _tiff_hw(shape)
-            if hw[0] * hw[1] > max_pixels:
+            check_decode_size(name, hw, shape, np.dtype(dtype).itemsize, max_pixels)
+            if len(shape) > 3:
                 raise Rejected(
-                    "too_large",
-                    f"{name} is {hw[1]}x{hw[0]} pixels, over the limit of {max_pixels:,}",
+                    "unreadable",
+                    f"{name}: TIFF page of shape {shape} has {len(shape)} dimensions; expected "
+                    "(H, W) or (H, W, channels)",
                 )
             arr = page.asarray()
     except Rejected:
         raise
     except Exception as e:  # tifffile raises many types for corrupt files
-        raise Rejected("unreadable", f"{name} is not a TIFF tifffile can read ({e})") from None
+        raise Rejected(
+            "unreadable", f"{name} is not a TIFF tifffile can read ({_describe(e)})"
+        ) from None
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) -> (H, W, C)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -303,14 +421,24 @@ def _read_tiff_array(data: bytes, name: str, max_pixels: int) -> np.ndarray:
 
 
 def _tiff_hw(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) of a page shape: (H, W), (H, W, C), planar (C, H, W), or a volume's last two
+    axes (a 4-D page is refused after the size check)."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
     if len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4):
         return shape[1], shape[2]
-    return shape[0], shape[1]
+    if len(shape) == 3:
+        return shape[0], shape[1]
+    return shape[-3], shape[-2]
 
 
 def _decode_tiff(data: bytes, name: str, max_pixels: int) -> Decoded:
     arr = _read_tiff_array(data, name, max_pixels)
     channels = 1 if arr.ndim == 2 else arr.shape[-1]
+    if channels > 4:
+        raise Rejected(
+            "unreadable", f"{name}: TIFF of {channels} samples per pixel; expected 1 to 4"
+        )
     quirks = [] if arr.dtype == np.uint8 else [f"dtype_{arr.dtype}"]
     arr = _to_uint8(arr)
     if arr.ndim == 3:

@@ -8,12 +8,16 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from segflow.ingest.dataset import create_or_check, ensure_capacity, row_encoder
+from segflow.ingest.writer import create_or_check, ensure_capacity, row_encoder
+
+
+def _geometry(size: tuple[int, int]) -> dict:
+    return {"size": size, "resize": "stretch", "layout": "folder", "mask_positive": "auto"}
 
 
 def test_rows_written_chunk_by_chunk_read_back_through_zarr(local):
     ds = local.store("ds.zarr")
-    g = create_or_check(ds, (24, 40), "stretch", "folder")
+    g = create_or_check(ds, _geometry((24, 40)))
     ensure_capacity(g, 5, with_masks=True)
     rng = np.random.default_rng(0)
     rows = {i: rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for i in (0, 3, 4)}
@@ -33,7 +37,7 @@ def test_rows_written_chunk_by_chunk_read_back_through_zarr(local):
 
 
 def test_a_row_of_the_wrong_shape_or_past_the_end_is_refused(local):
-    g = create_or_check(local.store("ds.zarr"), (8, 8), "stretch", "folder")
+    g = create_or_check(local.store("ds.zarr"), _geometry((8, 8)))
     ensure_capacity(g, 1, with_masks=False)
     encode = row_encoder(g["images"])
     with pytest.raises(ValueError, match=r"\(8, 9, 3\) for images of uint8 \(8, 8, 3\)"):
@@ -44,8 +48,9 @@ def test_a_row_of_the_wrong_shape_or_past_the_end_is_refused(local):
 
 def test_other_layouts_are_left_to_zarr(local):
     g = zarr.open_group(local.store("other.zarr").zarr_store(), mode="w")
-    blosc = g.create_array("a", shape=(4, 8, 8), chunks=(1, 8, 8), dtype="uint8",
-                           compressors=[BloscCodec()])  # fmt: skip
+    blosc = g.create_array(
+        "a", shape=(4, 8, 8), chunks=(1, 8, 8), dtype="uint8", compressors=[BloscCodec()]
+    )
     two_rows = g.create_array("b", shape=(4, 8, 8), chunks=(2, 8, 8), dtype="uint8")
     floats = g.create_array("c", shape=(4, 8, 8), chunks=(1, 8, 8), dtype="float32")
     assert row_encoder(blosc) is None

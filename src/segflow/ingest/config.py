@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from segflow.config import StageConfig
+from segflow.imaging import MaskPositive
 
 Layout = Literal["isic", "nerve", "luna", "folder"]
 LAYOUTS: tuple[str, ...] = ("isic", "nerve", "luna", "folder")
@@ -24,7 +25,17 @@ class IngestConfig(StageConfig):
     require_masks: bool | None = Field(
         None, description="reject images without a mask; default: yes when any mask is found"
     )
-    max_pixels: int = Field(178_956_970, gt=0, description="reject images above this many pixels")
+    max_pixels: int = Field(
+        178_956_970,
+        gt=0,
+        description="reject images above this many pixels, or whose decode would allocate "
+        "more than 8 bytes per pixel of this limit",
+    )
+    mask_positive: MaskPositive = Field(
+        "auto",
+        description="mask foreground: ge128 (>= 128), nonzero, or auto (nonzero for label "
+        "maps whose values stay below 128, else >= 128)",
+    )
     # folder layout
     image_glob: str = Field("*", description="folder layout: fnmatch of image paths")
     mask_template: str = Field(

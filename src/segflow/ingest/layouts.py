@@ -6,14 +6,16 @@ rerun on an unchanged source decides "nothing to do" in seconds.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from segflow.errors import ConfigError
 from segflow.imaging import IMAGE_SUFFIXES
+from segflow.ingest import luna  # noqa: F401  (registers the luna layout)
 from segflow.ingest.config import IngestConfig
+from segflow.ingest.rows import Discovery, Listing, RowSpec, Skip, discoverer, register, stem_ext
 from segflow.storage import FileInfo, Store
 
 _ISIC_MASK = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
@@ -22,74 +24,70 @@ _NERVE_TRAIN = re.compile(r"^(?P<subject>\d+)_(?P<n>\d+)$")
 _NERVE_MASK = re.compile(r"^(?P<id>\d+_\d+)_mask$")
 
 
-@dataclass(frozen=True)
-class RowSpec:
-    """One output row of the dataset, before its pixels are decoded."""
-
-    id: str
-    group: str
-    unit: str  # rows of one unit are decoded together (a CT series); else the row's own id
-    image: str  # path relative to the source store
-    mask: str | None  # path relative to the masks store; None: no mask file
-    fingerprint: str  # changes whenever any input of this row may have changed
-    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A file that is not ingested, and why (a reason from imaging.REASONS)."""
-
-    source: str
-    reason: str
-    detail: str
-    fingerprint: str = ""
-
-
-@dataclass
-class Discovery:
-    rows: list[RowSpec]
-    rejected: list[Skip]
-    ignored: int = 0  # files that are not part of the layout at all (README, superpixels...)
-
-
 def discover(cfg: IngestConfig, source: Store, masks: Store) -> Discovery:
     files = source.list()
     if not files:
         raise ConfigError(
             f"source {source.url!r} holds no files; check the --source URL (and credentials)"
         )
-    mask_files = files if masks.url == source.url else masks.list()
-    if cfg.layout == "isic":
-        d = _discover_isic(cfg, files, mask_files, masks.url != source.url)
-    elif cfg.layout == "nerve":
-        d = _discover_nerve(cfg, files)
-    elif cfg.layout == "folder":
-        d = _discover_folder(cfg, files, mask_files, masks.url != source.url)
-    else:
-        from segflow.ingest.luna import discover_luna
-
-        d = discover_luna(cfg, source, files)
+    separate = masks.url != source.url
+    files, link_skips = _screen_links(source, files)
+    mask_files = files
+    if separate:
+        mask_files, mask_skips = _screen_links(masks, masks.list())
+        link_skips += mask_skips
+    d = discoverer(cfg.layout)(Listing(cfg, source, files, mask_files, separate))
     d = _drop_duplicates(d)
     d.rejected = [
         replace(s, source=(masks if s.reason == "orphan_mask" else source).uri(s.source))
         for s in d.rejected
-    ]
+    ] + link_skips
     return d
 
 
+def _screen_links(store: Store, files: list[FileInfo]) -> tuple[list[FileInfo], list[Skip]]:
+    """Symbolic links in a local source: one that points nowhere is ``unreadable``; one that
+    resolves outside the store is refused (``unreadable``), so that a source folder can never
+    pull a file from elsewhere on the machine (a key, another user's data) into a dataset.
+    Links that stay inside the store are followed. Object stores have no links."""
+    if not store.is_local:
+        return files, []
+    root = os.path.realpath(store.root)
+    kept, skipped = [], []
+    for f in files:
+        path = store.path(f.rel)
+        if not os.path.islink(path):
+            kept.append(f)
+            continue
+        target = os.path.realpath(path)
+        if not os.path.exists(target):
+            why = f"dangling symbolic link to {os.readlink(path)} (no such file)"
+        elif os.path.commonpath([root, target]) != root:
+            why = (
+                f"symbolic link to {target}, outside the source {root}; segflow reads only "
+                "files inside the source: copy the file in, or use the folder that holds it as "
+                "the source"
+            )
+        else:
+            kept.append(f)
+            continue
+        skipped.append(Skip(store.uri(f.rel), "unreadable", why, f.fingerprint))
+    return kept, skipped
+
+
 # -- isic -----------------------------------------------------------------------------------------
-def _discover_isic(
-    cfg: IngestConfig, files: list[FileInfo], mask_files: list[FileInfo], separate: bool
-) -> Discovery:
+@register("isic")
+def _discover_isic(listing: Listing) -> Discovery:
+    cfg, files, mask_files = listing.cfg, listing.files, listing.mask_files
     masks: dict[str, FileInfo] = {}
     for f in mask_files:
-        stem, ext = _stem_ext(f.rel)
+        stem, ext = stem_ext(f.rel)
         m = _ISIC_MASK.match(stem)
         if m and ext in IMAGE_SUFFIXES:
             masks.setdefault(m["id"], f)
     images, ignored = [], 0
     for f in files:
-        stem, ext = _stem_ext(f.rel)
+        stem, ext = stem_ext(f.rel)
         if ext not in IMAGE_SUFFIXES or _ISIC_SKIP.search(stem):
             ignored += 0 if _ISIC_MASK.match(stem) else 1
             continue
@@ -97,52 +95,69 @@ def _discover_isic(
             ignored += 1
             continue
         images.append((stem, f))
-    require = cfg.require_masks if cfg.require_masks is not None else bool(masks) or separate
+    require = (
+        cfg.require_masks
+        if cfg.require_masks is not None
+        else (bool(masks) or listing.separate_masks)
+    )
     return _pair(images, masks, require, ignored, group_of=lambda _id: "")
 
 
 # -- nerve ----------------------------------------------------------------------------------------
-def _discover_nerve(cfg: IngestConfig, files: list[FileInfo]) -> Discovery:
+@register("nerve")
+def _discover_nerve(listing: Listing) -> Discovery:
+    cfg = listing.cfg
     masks: dict[str, FileInfo] = {}
-    images, ignored = [], 0
-    for f in files:
-        stem, ext = _stem_ext(f.rel)
+    images, rejected, ignored = [], [], 0
+    for f in listing.files:
+        stem, ext = stem_ext(f.rel)
         if ext not in (".tif", ".tiff"):
             ignored += 1
         elif m := _NERVE_MASK.match(stem):
-            masks.setdefault(m["id"], f)
+            if (first := masks.setdefault(m["id"], f)) is not f:  # x_mask.tif and x_mask.tiff
+                why = f"mask of {m['id']} is also {first.rel}"
+                rejected.append(Skip(f.rel, "duplicate_id", why, f.fingerprint))
         elif _NERVE_TRAIN.match(stem) or stem.isdigit():
             images.append((stem, f))
         else:
             ignored += 1
-    rows, rejected = [], []
+    rows, paired = [], set()
     for stem, f in images:
         train = _NERVE_TRAIN.match(stem)
         group = train["subject"] if train else ""
-        mask = masks.pop(stem, None)
+        mask = masks.get(stem)  # x.tif and x.tiff both find it: _drop_duplicates keeps one
         # Test images (<n>.tif) never have masks; train images (<subject>_<n>) must.
         require = cfg.require_masks if cfg.require_masks is not None else bool(train)
         if mask is None and require:
             rejected.append(Skip(f.rel, "missing_mask", f"no {stem}_mask.tif", f.fingerprint))
             continue
+        paired.add(stem)
         rows.append(_row(stem, group, f, mask))
     rejected += [
-        Skip(m.rel, "orphan_mask", f"no image {i}.tif", m.fingerprint) for i, m in masks.items()
+        Skip(m.rel, "orphan_mask", f"no image {i}.tif", m.fingerprint)
+        for i, m in masks.items()
+        if i not in paired
     ]
     return Discovery(rows, rejected, ignored)
 
 
 # -- folder ---------------------------------------------------------------------------------------
-def _discover_folder(
-    cfg: IngestConfig, files: list[FileInfo], mask_files: list[FileInfo], separate: bool
-) -> Discovery:
+@register("folder")
+def _discover_folder(listing: Listing) -> Discovery:
     import fnmatch
+
+    cfg, files, mask_files, separate = (
+        listing.cfg,
+        listing.files,
+        listing.mask_files,
+        listing.separate_masks,
+    )
 
     by_rel = {f.rel: f for f in mask_files}
     candidates = [
         f
         for f in files
-        if _stem_ext(f.rel)[1] in IMAGE_SUFFIXES and fnmatch.fnmatch(f.rel, cfg.image_glob)
+        if stem_ext(f.rel)[1] in IMAGE_SUFFIXES and fnmatch.fnmatch(f.rel, cfg.image_glob)
     ]
     mask_of = {f.rel: _folder_mask_rel(cfg.mask_template, f.rel) for f in candidates}
     claimed = set(mask_of.values())
@@ -161,7 +176,7 @@ def _discover_folder(
         d.rejected += [
             Skip(f.rel, "orphan_mask", "no image uses this mask", f.fingerprint)
             for f in mask_files
-            if f.rel not in used and _stem_ext(f.rel)[1] in IMAGE_SUFFIXES
+            if f.rel not in used and stem_ext(f.rel)[1] in IMAGE_SUFFIXES
         ]
     return d
 
@@ -217,8 +232,3 @@ def _drop_duplicates(d: Discovery) -> Discovery:
         seen[r.id] = r
         rows.append(r)
     return Discovery(rows, rejected, d.ignored)
-
-
-def _stem_ext(rel: str) -> tuple[str, str]:
-    stem, ext = posixpath.splitext(posixpath.basename(rel))
-    return stem, ext.lower()

@@ -18,10 +18,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segflow.imaging import Rejected
+from segflow.imaging import Rejected, check_decode_size
 from segflow.ingest.config import IngestConfig
-from segflow.ingest.layouts import Discovery, RowSpec, Skip, _stem_ext
+from segflow.ingest.rows import Discovery, Listing, RowSpec, Skip, register, stem_ext
 from segflow.storage import FileInfo, Store, sha256_json
+
+# bytes per voxel of each MetaImage element type
+_ELEMENT_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_FLOAT": 4,
+    "MET_LONG": 8,
+    "MET_ULONG": 8,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_DOUBLE": 8,
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,16 @@ class Header:
     origin: tuple[float, float, float]
     direction: tuple[float, ...]  # 3x3 row-major
     data_file: str
+    voxel_bytes: int = 2  # element size x channels
+    compressed: bool = False  # zlib-compressed data (.zraw) is read whole, not slice by slice
+
+    def check_size(self, name: str, max_pixels: int) -> None:
+        """Refuse a volume whose read would allocate more than the limit allows: one slice
+        of an uncompressed volume (ITK streams it), the whole of a compressed one."""
+        nx, ny, nz = self.size
+        shape = (nz, ny, nx) if self.compressed else (ny, nx)
+        what = "the whole compressed volume" if self.compressed else "one slice"
+        check_decode_size(name, (ny, nx), shape, self.voxel_bytes, max_pixels, what)
 
     def world_to_voxel(self, point: tuple[float, float, float]) -> np.ndarray:
         d = np.asarray(self.direction, float).reshape(3, 3)
@@ -54,11 +80,16 @@ def parse_mhd(text: str, name: str) -> Header:
         dir_s = kv.get("TransformMatrix") or kv.get("Orientation") or "1 0 0 0 1 0 0 0 1"
         direction = tuple(float(x) for x in dir_s.split())
         data_file = kv["ElementDataFile"]
+        channels = int(kv.get("ElementNumberOfChannels", "1"))
+        voxel_bytes = _ELEMENT_BYTES[kv.get("ElementType", "MET_SHORT").upper()] * channels
+        compressed = kv.get("CompressedData", "False").lower() == "true"
     except (KeyError, ValueError) as e:
         raise Rejected("unreadable", f"{name} is not a valid 3-D MetaImage header ({e})") from None
     if len(size) != 3 or len(spacing) != 3 or len(origin) != 3 or len(direction) != 9:
         raise Rejected("unreadable", f"{name}: expected a 3-D volume, got DimSize {size}")
-    return Header(size, spacing, origin, direction, data_file)  # type: ignore[arg-type]
+    if min(size) < 1 or channels < 1:
+        raise Rejected("unreadable", f"{name}: DimSize {size} has an empty axis")
+    return Header(size, spacing, origin, direction, data_file, voxel_bytes, compressed)  # type: ignore[arg-type]
 
 
 def slices_for(header: Header, nodules: list[tuple[float, float, float, float]]) -> dict[int, list]:
@@ -80,7 +111,9 @@ def slices_for(header: Header, nodules: list[tuple[float, float, float, float]])
     return out
 
 
-def discover_luna(cfg: IngestConfig, source: Store, files: list[FileInfo]) -> Discovery:
+@register("luna")
+def discover_luna(listing: Listing) -> Discovery:
+    cfg, source, files = listing.cfg, listing.source, listing.files
     ann_store, ann_rel = _annotations_location(cfg, source, files)
     ann_fp = ""
     try:
@@ -98,7 +131,7 @@ def discover_luna(cfg: IngestConfig, source: Store, files: list[FileInfo]) -> Di
     seen = set()
     ignored = 0
     for f in files:
-        stem, ext = _stem_ext(f.rel)
+        stem, ext = stem_ext(f.rel)
         if ext != ".mhd":
             continue
         seen.add(stem)
@@ -107,6 +140,7 @@ def discover_luna(cfg: IngestConfig, source: Store, files: list[FileInfo]) -> Di
             continue
         try:
             header = parse_mhd(source.read_bytes(f.rel).decode("latin-1"), f.rel)
+            header.check_size(f.rel, cfg.max_pixels)
         except Rejected as r:
             rejected.append(Skip(f.rel, r.reason, r.detail, f.fingerprint))
             continue
@@ -156,9 +190,15 @@ def _read_annotations(text: str, name: str):
     return nodules, rejected
 
 
-def read_slices(source: Store, mhd_rel: str, raw_rel: str, ks: list[int]) -> dict[int, np.ndarray]:
-    """Read only the requested axial slices (ITK streams MetaImage), as HU int16 (y, x)."""
+def read_slices(
+    source: Store, mhd_rel: str, raw_rel: str, ks: list[int], max_pixels: int
+) -> dict[int, np.ndarray]:
+    """Read only the requested axial slices (ITK streams MetaImage), as HU int16 (y, x). The
+    header is checked against the limit again here: it may have changed since discovery."""
     import SimpleITK as sitk
+
+    header = parse_mhd(source.read_bytes(mhd_rel).decode("latin-1"), mhd_rel)
+    header.check_size(mhd_rel, max_pixels)
 
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_local:
@@ -187,8 +227,16 @@ def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def draw_ellipses(shape: tuple[int, int], ellipses: list) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    """Filled ellipses ``(cx, cy, rx, ry)`` (voxels) on a zero (h, w) mask. Each is evaluated
+    on its own bounding box only, so a nodule costs its area, not the slice's."""
     mask = np.zeros(shape, np.uint8)
+    h, w = shape
     for cx, cy, rx, ry in ellipses:
-        mask |= (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0).astype(np.uint8)
+        y0, y1 = max(math.floor(cy - ry), 0), min(math.ceil(cy + ry) + 1, h)
+        x0, x1 = max(math.floor(cx - rx), 0), min(math.ceil(cx + rx) + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = ((np.arange(y0, y1) - cy) / ry) ** 2
+        xx = ((np.arange(x0, x1) - cx) / rx) ** 2
+        mask[y0:y1, x0:x1] |= (yy[:, None] + xx[None, :] <= 1.0).astype(np.uint8)
     return mask

@@ -1,8 +1,18 @@
-"""``ingest()``: discover -> plan -> decode on Dask -> finalize.
+"""``ingest()``: discover -> plan -> decode on Dask -> commit.
 
-Resumability comes from one rule: the plan (which row goes to which slot) is written before any
-pixel, each slot's record is written after its pixels, and the index arrays are written only
-at the end. A run killed anywhere is rerun from the plan; slots with a record are not redone.
+Resumability comes from three rules:
+
+1. Pixels are written only to scratch rows, at or past the committed ``n``, which the contract
+   says are not part of the dataset. The plan (which row goes to which scratch slot) is written
+   before any pixel; each slot's record after its pixels. A run killed before its commit is
+   rerun from the plan, reconciled with the current listing: slots whose file vanished are
+   dropped, slots whose file changed get a fresh slot, new files are appended.
+2. The commit is a journal, ``_staging/commit.json``, written in full before the dataset
+   changes: which scratch rows go where, the rows' index entries, the report and the summary.
+   A run that finds a journal first rolls it forward; every step of it can be redone, so a kill
+   anywhere in the commit leaves nothing that the next run trusts wrongly.
+3. The journal is the last thing removed. Until then the commit is redone as written, never
+   recomputed, so its rows are not counted as new twice nor its quirks counted again.
 """
 
 from __future__ import annotations
@@ -14,16 +24,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import zarr
+
 from segflow import __version__
 from segflow.cluster import cpu_count, dask_address
+from segflow.dataset import Index, read_index
 from segflow.ingest.config import IngestConfig
-from segflow.ingest.dataset import Index, create_or_check, ensure_capacity, read_index, write_index
-from segflow.ingest.layouts import RowSpec, discover
+from segflow.ingest.crash import crash_point
+from segflow.ingest.layouts import discover
+from segflow.ingest.rows import Discovery, RowSpec
 from segflow.ingest.worker import STAGING, Slot, WorkerContext, process_batch, record_name
+from segflow.ingest.writer import copy_rows, create_or_check, ensure_capacity, write_index
 from segflow.storage import Store
 
 log = logging.getLogger("segflow.ingest")
 PLAN = f"{STAGING}/plan.json"
+JOURNAL = f"{STAGING}/commit.json"
+_UPDATES_COPIED = f"{STAGING}/commit.updates-copied"
+_NEW_MOVED = f"{STAGING}/commit.new-moved"
 REPORT = "report.json"
 MARKER = "ingest"
 
@@ -51,30 +69,77 @@ class IngestResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Change:
+    """The listing compared with the committed rows."""
+
+    new: list[RowSpec]
+    updated: list[tuple[int, RowSpec]]  # (committed row, its new spec)
+    unchanged: int
+    carried: list[dict[str, Any]]  # decode failures of unchanged files: not retried
+    stale: list[str]  # committed ids whose file is gone (their rows are kept)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run knows before it commits."""
+
+    cfg: IngestConfig
+    ds: Store
+    g: zarr.Group
+    committed: Index
+    found: Discovery
+    change: Change
+    previous_report: dict[str, Any]
+    t0: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the decoded slots add up to."""
+
+    n_new: int
+    n_updated: int
+    row_quirks: dict[str, list[str]]  # this run's rows (id -> quirks)
+    decode_rejects: list[dict[str, Any]]
+
+
 def ingest(cfg: IngestConfig) -> IngestResult:
     t0 = time.perf_counter()
     source = Store(cfg.source, cfg.storage)
     masks = Store(cfg.masks or cfg.source, cfg.storage)
     ds = Store(cfg.dataset, cfg.storage)
+    g = create_or_check(ds, _geometry(cfg))
+    if ds.exists(JOURNAL):  # a commit was cut short: finish it before anything reads the index
+        _apply_journal(ds, g, ds.read_json(JOURNAL))
     found = discover(cfg, source, masks)
-    g = create_or_check(ds, cfg.size, cfg.resize, cfg.layout)
-    plan = ds.read_json(PLAN) if ds.exists(PLAN) else None
     committed = read_index(g)
-    if plan is not None:  # resuming: rows past base_n were never committed
-        committed = committed.truncate(plan["base_n"])
     previous = ds.read_json(REPORT) if ds.exists(REPORT) else {}
+    change = _classify(found.rows, committed, previous, source)
+    plan = ds.read_json(PLAN) if ds.exists(PLAN) else None
+    if plan is not None and plan.get("base_n") != committed.n:
+        log.warning("ingest: discarding a plan made for %s rows", plan.get("base_n"))
+        ds.delete(STAGING, recursive=True)
+        plan = None
+    run = RunInputs(cfg, ds, g, committed, found, change, previous, t0)
+    if plan is None and not change.new and not change.updated:
+        return _up_to_date(run)
 
-    new, updated, unchanged, carried = _classify(found.rows, committed, previous, source)
-    stale = sorted(set(committed.columns["ids"]) - {r.id for r in found.rows})
-    if plan is None and not new and not updated:
-        return _up_to_date(ds, g, committed, previous, unchanged, stale, t0)
-
-    plan = _make_plan(ds, plan, committed, new, updated)
+    plan = _make_plan(ds, plan, committed.n, change)
     slots = [Slot(**s) for s in plan["slots"]]
     ctx = WorkerContext(
-        source, masks, ds, cfg.size, cfg.resize, cfg.max_pixels, cfg.hu_window, cfg.layout
+        source,
+        masks,
+        ds,
+        cfg.size,
+        cfg.resize,
+        cfg.max_pixels,
+        cfg.hu_window,
+        cfg.layout,
+        cfg.mask_positive,
     )
-    ensure_capacity(g, max(s.index for s in slots) + 1, _any_masks(slots, cfg, g))
+    ensure_capacity(g, plan["next_index"], _any_masks(slots, cfg, g))
+    crash_point("planned")
     todo = _todo(ds, slots)
     log.info(
         "ingest: %d slots planned, %d to decode, %d done before",
@@ -83,13 +148,23 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         len(slots) - len(todo),
     )
     _run_batches(todo, ctx, cfg)
-    result = _finalize(cfg, ds, g, plan, committed, found, carried, stale, unchanged, t0)
-    result.extra = {"decoded": len(todo), "resumed": len(slots) - len(todo)}
-    return result
+    crash_point("decoded")
+    extra = {"decoded": len(todo), "resumed": len(slots) - len(todo)}
+    return _commit(run, slots, extra)
+
+
+def _geometry(cfg: IngestConfig) -> dict[str, Any]:
+    positive = "drawn" if cfg.layout == "luna" else cfg.mask_positive
+    return {
+        "size": cfg.size,
+        "resize": cfg.resize,
+        "layout": cfg.layout,
+        "mask_positive": positive,
+    }
 
 
 # -- planning -------------------------------------------------------------------------------------
-def _classify(rows: list[RowSpec], committed: Index, previous: dict, source: Store):
+def _classify(rows: list[RowSpec], committed: Index, previous: dict, source: Store) -> Change:
     pos = {i: k for k, i in enumerate(committed.columns["ids"])}
     fps = committed.columns["fingerprints"]
     known_bad = {
@@ -107,39 +182,45 @@ def _classify(rows: list[RowSpec], committed: Index, previous: dict, source: Sto
             new.append(r)
         else:
             updated.append((k, r))
-    return new, updated, unchanged, _dedupe(carried)
+    stale = sorted(set(pos) - {r.id for r in rows})
+    return Change(new, updated, unchanged, _dedupe(carried), stale)
 
 
-def _make_plan(ds: Store, plan, committed: Index, new, updated) -> dict[str, Any]:
-    """Assign slots. An existing plan keeps its assignments, so a resumed run writes the same
-    rows to the same chunks; rows new since then go after its last slot."""
-    slots: dict[str, dict[str, Any]] = {}
-    if plan is not None:
-        slots = {s["id"]: s for s in plan["slots"]}
-    wanted = {r.id: r for r in new} | {r.id: r for _, r in updated}
-    slots = {i: s for i, s in slots.items() if i in wanted}  # vanished since: leave a hole
-    next_slot = max([committed.n - 1, *[s["index"] for s in slots.values()]]) + 1
-    for k, r in updated:
-        slots[r.id] = _slot(k, r)
-    for r in new:
-        if r.id in slots:
-            slots[r.id] = _slot(slots[r.id]["index"], r)  # same slot, maybe a new fingerprint
+def _make_plan(ds: Store, plan: dict | None, base_n: int, change: Change) -> dict[str, Any]:
+    """Assign every row to decode a scratch slot at or past ``base_n``.
+
+    A plan left by a killed run is reconciled with the listing: a slot whose row is still
+    wanted with the same fingerprint keeps its index, so its finished work is reused; every
+    other row gets a fresh index. Indices are never reused while the plan lives (the plan
+    keeps its high-water mark), so a record can only ever describe the pixels at its index."""
+    old_slots = (plan or {}).get("slots", [])
+    old = {(s["id"], s["fingerprint"]): s for s in old_slots}
+    next_index = max(
+        [base_n, (plan or {}).get("next_index", 0), *[s["index"] + 1 for s in old_slots]]
+    )
+    wanted = [(None, r) for r in change.new] + [(k, r) for k, r in change.updated]
+    slots = []
+    for row, r in sorted(wanted, key=lambda t: t[1].id):
+        kept = old.get((r.id, r.fingerprint))
+        if kept is not None and kept.get("row") == row:
+            index = kept["index"]
         else:
-            slots[r.id] = _slot(next_slot, r)
-            next_slot += 1
+            index, next_index = next_index, next_index + 1
+        slots.append(_slot(index, row, r))
     out = {
-        "base_n": committed.n,
-        "slots": sorted(slots.values(), key=lambda s: s["index"]),
-        "rejected": (plan or {}).get("rejected", []),
+        "base_n": base_n,
+        "next_index": next_index,
+        "slots": sorted(slots, key=lambda s: s["index"]),
         "segflow_version": __version__,
     }
     ds.write_json(PLAN, out)
     return out
 
 
-def _slot(index: int, r: RowSpec) -> dict[str, Any]:
+def _slot(index: int, row: int | None, r: RowSpec) -> dict[str, Any]:
     return {
         "index": index,
+        "row": row,
         "id": r.id,
         "group": r.group,
         "unit": r.unit,
@@ -184,7 +265,7 @@ def _run_batches(todo: list[Slot], ctx: WorkerContext, cfg: IngestConfig) -> Non
 def _pack(slots: list[Slot], size: int) -> list[list[Slot]]:
     """Batches of about ``size`` rows that never split a unit (a CT series is read once)."""
     batches: list[list[Slot]] = [[]]
-    for s in slots:
+    for s in sorted(slots, key=lambda s: (s.unit, s.index)):
         last = batches[-1]
         if len(last) >= size and last[-1].unit != s.unit:
             batches.append([])
@@ -192,40 +273,77 @@ def _pack(slots: list[Slot], size: int) -> list[list[Slot]]:
     return [b for b in batches if b]
 
 
-# -- finalize -------------------------------------------------------------------------------------
-def _finalize(cfg, ds: Store, g, plan, committed: Index, found, carried, stale, unchanged, t0):
-    slots = [Slot(**s) for s in plan["slots"]]
-    records = _read_records(ds, slots)
-    rejected = list(plan.get("rejected", []))
-    rejected += [_reject_entry(r) for r in records.values() if r["status"] != "ok"]
-    plan = _compact(ds, g, plan, slots, records, committed.n, rejected)
-    slots = [Slot(**s) for s in plan["slots"]]
-
-    cols = {k: list(v) for k, v in committed.columns.items()}
-    quirks: collections.Counter[str] = collections.Counter()
-    n_new = n_updated = 0
-    for s in slots:
-        rec = records.get(s.index)
-        if rec is None or rec["status"] != "ok":
-            continue
-        quirks.update(rec["quirks"])
-        if s.index < committed.n:
-            n_updated += 1
-        else:
-            n_new += 1
-            for col in cols.values():
-                col.append(None)
-        _set_row(cols, s.index, rec)
-    index = Index(cols)
-    write_index(g, index)
-    report = _write_report(
-        ds, found, rejected + carried, quirks, stale, n_new, n_updated, unchanged, t0
+# -- commit ---------------------------------------------------------------------------------------
+def _commit(run: RunInputs, slots: list[Slot], extra: dict[str, Any]) -> IngestResult:
+    """Turn the decoded slots into a journal, then apply it."""
+    records = _read_records(run.ds, slots)
+    ok = [s for s in slots if records[s.index]["status"] == "ok"]
+    base_n = run.committed.n
+    updates = [(s.index, s.row) for s in ok if s.row is not None]
+    new = sorted((s for s in ok if s.row is None), key=lambda s: s.index)
+    n = base_n + len(new)
+    # New rows fill [base_n, n): a slot already there stays; the others move into the free
+    # places, all of which lie below every moving slot, so no move reads what another wrote.
+    staying = {s.index for s in new if s.index < n}
+    free = iter(sorted(set(range(base_n, n)) - staying))
+    final = {s.index: s.index if s.index in staying else next(free) for s in new}
+    moves = [(s.index, final[s.index]) for s in new if final[s.index] != s.index]
+    rows = {str(final[s.index]): _index_entry(records[s.index]) for s in new}
+    rows |= {str(s.row): _index_entry(records[s.index]) for s in ok if s.row is not None}
+    outcome = Outcome(
+        n_new=len(new),
+        n_updated=len(updates),
+        row_quirks={records[s.index]["id"]: records[s.index]["quirks"] for s in ok},
+        decode_rejects=[_reject_entry(r) for r in records.values() if r["status"] != "ok"],
     )
-    ds.write_json("config.json", cfg.public_dict())
-    result = _result(ds, g, index, report, "ingested", n_new, n_updated, unchanged, t0)
-    ds.mark_complete(MARKER, result.to_dict())
-    ds.delete(STAGING, recursive=True)
+    report = _report(run, outcome)
+    result = _result(run, report, "ingested", outcome, n)
+    result.extra = extra
+    journal = {
+        "base_n": base_n,
+        "n": n,
+        "updates": updates,
+        "moves": moves,
+        "rows": rows,
+        "report": report,
+        "config": run.cfg.public_dict(),
+        "result": result.to_dict(),
+    }
+    run.ds.write_json(JOURNAL, journal)
+    crash_point("journal")
+    _apply_journal(run.ds, run.g, journal)
+    result.content_hash = str(run.g.attrs.get("content_hash", ""))
     return result
+
+
+def _apply_journal(ds: Store, g: zarr.Group, journal: dict[str, Any]) -> None:
+    """Make the dataset what the journal says. Each step gives the same result when redone;
+    the two copy steps are marked done because the second overwrites what the first reads."""
+    if not ds.exists(_UPDATES_COPIED):
+        copy_rows(ds, g, [tuple(m) for m in journal["updates"]])
+        ds.write_bytes(_UPDATES_COPIED, b"")
+    crash_point("updates_copied")
+    if not ds.exists(_NEW_MOVED):
+        copy_rows(ds, g, [tuple(m) for m in journal["moves"]])
+        ds.write_bytes(_NEW_MOVED, b"")
+    crash_point("new_moved")
+    index = read_index(g, journal["base_n"])
+    cols = index.columns
+    for col in cols.values():
+        col.extend([None] * (journal["n"] - journal["base_n"]))
+    for i, entry in journal["rows"].items():
+        for name, value in entry.items():
+            cols[name][int(i)] = value
+    write_index(g, index)
+    crash_point("attrs")
+    ds.write_json(REPORT, journal["report"])
+    ds.write_json("config.json", journal["config"])
+    crash_point("report")
+    result = {**journal["result"], "content_hash": str(g.attrs.get("content_hash", ""))}
+    ds.mark_complete(MARKER, result)
+    crash_point("marker")
+    ds.delete(JOURNAL)  # alone and first: once it is gone, nothing of this run is redone
+    ds.delete(STAGING, recursive=True)
 
 
 def _read_records(ds: Store, slots: list[Slot]) -> dict[int, dict[str, Any]]:
@@ -243,48 +361,20 @@ def _read_records(ds: Store, slots: list[Slot]) -> dict[int, dict[str, Any]]:
     return found  # type: ignore[return-value]
 
 
-def _compact(ds, g, plan, slots: list[Slot], records, base_n: int, rejected) -> dict[str, Any]:
-    """Fill the slots of rejected new rows with the last good rows, so the dataset has no
-    holes. The plan is rewritten before any chunk moves: a crash mid-move is resumed from it."""
-    holes = sorted(
-        s.index for s in slots if s.index >= base_n and records[s.index]["status"] != "ok"
-    )
-    good = sorted(
-        s.index for s in slots if s.index >= base_n and records[s.index]["status"] == "ok"
-    )
-    moves: list[tuple[int, int]] = []
-    while holes and good and good[-1] > holes[0]:
-        moves.append((good.pop(), holes.pop(0)))
-    keep = {s.index: s for s in slots if records[s.index]["status"] == "ok"}
-    for src, dst in moves:
-        keep[dst] = Slot(**{**asdict(keep.pop(src)), "index": dst})
-    plan = {
-        **plan,
-        "slots": [asdict(s) for s in sorted(keep.values(), key=lambda s: s.index)],
-        "rejected": rejected,
+def _index_entry(rec: dict[str, Any]) -> dict[str, Any]:
+    """A decoded row's values for every index column."""
+    return {
+        "ids": rec["id"],
+        "groups": rec["group"],
+        "sources": rec["source"],
+        "mask_sources": rec.get("mask_source", ""),
+        "content_hashes": rec["content_hash"],
+        "fingerprints": rec["fingerprint"],
+        "has_mask": bool(rec["has_mask"]),
+        "orig_size": rec["orig_size"],
+        "pad_box": rec["pad_box"],
+        "orig_channels": rec["orig_channels"],
     }
-    ds.write_json(PLAN, plan)
-    for src, dst in moves:
-        for name in ("images", "masks"):
-            if name in g:
-                g[name][dst] = g[name][src]
-        rec = {**records.pop(src), "index": dst}
-        records[dst] = rec
-        ds.write_json(record_name(keep[dst]), rec)
-    return plan
-
-
-def _set_row(cols: dict[str, list[Any]], i: int, rec: dict[str, Any]) -> None:
-    cols["ids"][i] = rec["id"]
-    cols["groups"][i] = rec["group"]
-    cols["sources"][i] = rec["source"]
-    cols["mask_sources"][i] = rec.get("mask_source", "")
-    cols["content_hashes"][i] = rec["content_hash"]
-    cols["fingerprints"][i] = rec["fingerprint"]
-    cols["has_mask"][i] = bool(rec["has_mask"])
-    cols["orig_size"][i] = rec["orig_size"]
-    cols["pad_box"][i] = rec["pad_box"]
-    cols["orig_channels"][i] = rec["orig_channels"]
 
 
 def _reject_entry(rec: dict[str, Any]) -> dict[str, Any]:
@@ -307,8 +397,10 @@ def _dedupe(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _write_report(ds, found, decoded_rejects, quirks, stale, n_new, n_updated, unchanged, t0):
-    previous = ds.read_json(REPORT) if ds.exists(REPORT) else {}
+def _report(run: RunInputs, outcome: Outcome) -> dict[str, Any]:
+    """report.json after this run. Quirks are kept per row (``row_quirks``, id -> quirks) and
+    counted over the dataset's rows, so they describe the dataset as it is, whatever path of
+    runs led to it: a rewritten file replaces its row's quirks instead of adding to them."""
     listed = [
         {
             "source": s.source,
@@ -317,47 +409,57 @@ def _write_report(ds, found, decoded_rejects, quirks, stale, n_new, n_updated, u
             "fingerprint": s.fingerprint,
             "decoded": False,
         }
-        for s in found.rejected
+        for s in run.found.rejected
     ]
-    rejected = _dedupe(listed + decoded_rejects)
-    total_quirks = collections.Counter(previous.get("quirks", {}))
-    total_quirks.update(quirks)
-    report = {
+    rejected = _dedupe(listed + outcome.decode_rejects + run.change.carried)
+    row_quirks = dict(run.previous_report.get("row_quirks", {}))
+    for image_id, quirks in outcome.row_quirks.items():
+        row_quirks.pop(image_id, None)
+        if quirks:
+            row_quirks[image_id] = sorted(set(quirks))
+    run_quirks = collections.Counter(q for qs in outcome.row_quirks.values() for q in set(qs))
+    return {
         "rejected": rejected,
         "counts": dict(collections.Counter(r["reason"] for r in rejected)),
-        "quirks": dict(sorted(total_quirks.items())),
-        "stale": {"count": len(stale), "ids": stale[:100]},
-        "ignored_files": found.ignored,
+        "quirks": _count_quirks(row_quirks),
+        "row_quirks": dict(sorted(row_quirks.items())),
+        "stale": {"count": len(run.change.stale), "ids": run.change.stale[:100]},
+        "ignored_files": run.found.ignored,
         "last_run": {
-            "new": n_new,
-            "updated": n_updated,
-            "unchanged": unchanged,
-            "quirks": dict(quirks),
-            "seconds": round(time.perf_counter() - t0, 3),
+            "new": outcome.n_new,
+            "updated": outcome.n_updated,
+            "unchanged": run.change.unchanged,
+            "quirks": dict(sorted(run_quirks.items())),
+            "seconds": round(time.perf_counter() - run.t0, 3),
         },
     }
-    ds.write_json(REPORT, report)
-    return report
 
 
-def _up_to_date(ds: Store, g, committed: Index, previous, unchanged, stale, t0) -> IngestResult:
-    report = previous or {"rejected": [], "counts": {}, "quirks": {}}
-    return _result(ds, g, committed, report, "up_to_date", 0, 0, unchanged, t0, len(stale))
+def _count_quirks(row_quirks: dict[str, list[str]]) -> dict[str, int]:
+    return dict(sorted(collections.Counter(q for qs in row_quirks.values() for q in qs).items()))
 
 
-def _result(ds, g, index: Index, report, status, n_new, n_updated, unchanged, t0, n_stale=None):
+def _up_to_date(run: RunInputs) -> IngestResult:
+    report = run.previous_report or {"rejected": [], "counts": {}, "quirks": {}}
+    report = {**report, "stale": {"count": len(run.change.stale)}}
+    return _result(run, report, "up_to_date", Outcome(0, 0, {}, []), run.committed.n)
+
+
+def _result(
+    run: RunInputs, report: dict[str, Any], status: str, outcome: Outcome, n: int
+) -> IngestResult:
     return IngestResult(
-        dataset=ds.url,
+        dataset=run.ds.url,
         status=status,
-        n_images=index.n,
-        n_new=n_new,
-        n_updated=n_updated,
-        n_unchanged=unchanged,
+        n_images=n,
+        n_new=outcome.n_new,
+        n_updated=outcome.n_updated,
+        n_unchanged=run.change.unchanged,
         n_rejected=len(report.get("rejected", [])),
         rejected_by_reason=dict(report.get("counts", {})),
         quirks=dict(report.get("quirks", {})),
-        n_stale=n_stale if n_stale is not None else report.get("stale", {}).get("count", 0),
-        content_hash=str(g.attrs.get("content_hash", "")),
-        seconds=round(time.perf_counter() - t0, 3),
-        report=ds.uri(REPORT),
+        n_stale=report.get("stale", {}).get("count", 0),
+        content_hash=str(run.g.attrs.get("content_hash", "")),
+        seconds=round(time.perf_counter() - run.t0, 3),
+        report=run.ds.uri(REPORT),
     )

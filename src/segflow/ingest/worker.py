@@ -17,6 +17,7 @@ import zarr
 
 from segflow.geometry import Placement, place, to_frame
 from segflow.imaging import (
+    MaskPositive,
     Rejected,
     align_mask,
     decode_image,
@@ -24,8 +25,8 @@ from segflow.imaging import (
     image_to_frame,
     mask_to_frame,
 )
-from segflow.ingest.dataset import row_encoder
-from segflow.storage import Store, sha256_bytes
+from segflow.ingest.writer import row_encoder
+from segflow.storage import StorageError, Store, sha256_bytes
 
 STAGING = "_staging"
 
@@ -42,13 +43,15 @@ class WorkerContext:
     max_pixels: int
     hu_window: tuple[float, float]
     layout: str
+    mask_positive: MaskPositive = "auto"
 
 
 @dataclass(frozen=True)
 class Slot:
     """A planned row: which dataset index it goes to, and where its inputs are."""
 
-    index: int
+    index: int  # the scratch row its pixels are written to (at or past the committed n)
+    row: int | None  # the committed row it replaces; None for a new row
     id: str
     group: str
     unit: str
@@ -140,15 +143,24 @@ def _decode_unit(slots: list[Slot], ctx: WorkerContext):
     return [_decode_2d(s, ctx) for s in slots]
 
 
+def _read(store: Store, rel: str, reason: str) -> bytes:
+    """A file's bytes; one that cannot be read (gone since the listing, a link to nowhere, no
+    permission) is a rejection of the row, not an error of the run."""
+    try:
+        return store.read_bytes(rel)
+    except (StorageError, OSError) as e:
+        raise Rejected(reason, f"{store.uri(rel)} cannot be read ({e})") from None
+
+
 def _decode_2d(s: Slot, ctx: WorkerContext):
-    data = ctx.source.read_bytes(s.image)
+    data = _read(ctx.source, s.image, "unreadable")
     img = decode_image(data, s.image, ctx.max_pixels, ctx.size, ctx.resize)  # type: ignore[arg-type]
     placement = place(img.orig_size, ctx.size, ctx.resize)  # type: ignore[arg-type]
     quirks = list(img.quirks)
     mask_frame, mask_bytes = None, b""
     if s.mask is not None:
-        mask_bytes = ctx.masks.read_bytes(s.mask)
-        mask, mq = decode_mask(mask_bytes, s.mask, ctx.max_pixels)
+        mask_bytes = _read(ctx.masks, s.mask, "bad_mask")
+        mask, mq = decode_mask(mask_bytes, s.mask, ctx.max_pixels, ctx.mask_positive)
         mask, aq = align_mask(mask, img, s.mask)
         quirks += mq + aq
         mask_frame = mask_to_frame(mask, placement, quirks)
@@ -162,9 +174,8 @@ def _decode_luna(slots: list[Slot], ctx: WorkerContext):
 
     from segflow.ingest.luna import draw_ellipses, read_slices, window
 
-    hu = read_slices(
-        ctx.source, slots[0].image, slots[0].extra["raw"], [s.extra["z"] for s in slots]
-    )
+    ks = [s.extra["z"] for s in slots]
+    hu = read_slices(ctx.source, slots[0].image, slots[0].extra["raw"], ks, ctx.max_pixels)
     out = []
     for s in slots:
         plane = hu[s.extra["z"]]

@@ -26,8 +26,8 @@ _PKG = Path(__file__).resolve().parents[1]
 #: the modules each stage runs (relative to src/segflow); a change to any of them invalidates
 #: that stage's cache, and only that stage's
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest", "imaging.py", "png.py", "geometry.py", "storage.py"),
-    "train": ("train", "metrics.py", "ingest/dataset.py", "storage.py"),
+    "ingest": ("ingest", "dataset.py", "imaging.py", "png.py", "geometry.py", "storage.py"),
+    "train": ("train", "metrics.py", "dataset.py", "storage.py"),
     "oof": ("train/oof.py", "metrics.py", "storage.py"),
     "choose": ("predict/postprocess.py", "metrics.py", "storage.py"),
     "report": ("pipeline/report.py",),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segflow.ingest.dataset import open_group
+from segflow.dataset import open_group
 from segflow.storage import StorageOptions, Store
 
 TILE = 128  # px per overlay tile: a 4 x 2 grid stays well under 200 KB as PNG

@@ -178,7 +178,7 @@ def plan_key(cfg: PredictConfig, version: ModelVersion) -> str:
 
 
 def _dataset_hash(cfg: PredictConfig) -> str:
-    from segflow.ingest.dataset import open_group
+    from segflow.dataset import open_group
 
     return str(open_group(Store(cfg.dataset, cfg.storage), "r").attrs.get("content_hash", ""))
 

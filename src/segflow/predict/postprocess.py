@@ -327,7 +327,7 @@ def choose_from_models(models_url: str, dataset_url: str, storage=None) -> Choic
     truth masks from the dataset; writes the Choice to ``models/postprocess.json``."""
     import zarr
 
-    from segflow.ingest.dataset import open_group
+    from segflow.dataset import open_group
 
     models = Store(models_url, storage)
     rows = _oof_rows(models)

@@ -65,7 +65,7 @@ def list_inputs(cfg: PredictConfig) -> list[list[str]]:
     changes when the input's content may have (the row's content hash, or the object's
     ETag/mtime and size)."""
     if cfg.dataset:
-        from segflow.ingest.dataset import Dataset
+        from segflow.dataset import Dataset
 
         ds = Dataset(Store(cfg.dataset, cfg.storage))
         isic = ds.attrs.get("layout") == "isic"
@@ -196,9 +196,9 @@ def _load(ctx: ShardContext, ensemble: Ensemble, item: list[str]) -> dict[str, A
 @functools.lru_cache(maxsize=4)
 def _dataset_group(url: str, storage: StorageOptions):
     """Opened once per process: every row of a shard reads from the same group."""
-    import zarr
+    from segflow.dataset import open_group
 
-    return zarr.open_group(Store(url, storage).zarr_store(read_only=True), mode="r")
+    return open_group(Store(url, storage))
 
 
 def _load_row(ctx: ShardContext, image_id: str, row: int, name: str) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
-import zarr
 
+from segflow.dataset import open_group
 from segflow.storage import Store
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # images (B,H,W,3), masks (B,H,W), rows (B,)
@@ -21,7 +21,7 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # images (B,H,W,3), masks (B,
 
 class FoldData:
     def __init__(self, dataset: Store, rows: list[int], cache_mb: int = 2048, prefetch: int = 4):
-        group = zarr.open_group(dataset.zarr_store(read_only=True), mode="r")
+        group = open_group(dataset)
         self.images, self.masks = group["images"], group["masks"]
         self.rows = np.asarray(sorted(rows), dtype=np.int64)
         self.prefetch = prefetch

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from segflow.cluster import cpu_count
-from segflow.ingest.dataset import Dataset
+from segflow.dataset import Dataset
 from segflow.metrics import per_image_scores
 from segflow.storage import Store
 from segflow.train.augment import AugmentConfig, augment_batch

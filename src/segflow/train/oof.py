@@ -15,7 +15,7 @@ import torch
 
 from segflow.cluster import cpu_count
 from segflow.errors import DatasetError
-from segflow.ingest.dataset import open_group
+from segflow.dataset import open_group
 from segflow.metrics import per_image_scores
 from segflow.storage import StorageOptions, Store, iter_batches
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from segflow.errors import ConfigError
-from segflow.ingest.dataset import Dataset
+from segflow.dataset import Dataset
 from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.loop import FoldResult, ensure_oof_array, fit_fold, set_threads
