@@ -25,4 +25,11 @@ POINTS = (
 
 def crash_point(name: str) -> None:
     if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        _kill()
+
+
+def _kill() -> None:
+    """SIGKILL this process. Tests that run ingest in their own process replace it with a
+    raise of a BaseException (nothing in ingest catches those), which stops the run at the
+    same point without taking the test runner down."""
+    os.kill(os.getpid(), signal.SIGKILL)
