@@ -833,3 +833,79 @@ def test_antialiased_uint8_mask_sampled_at_0_and_1_is_not_labels() -> None:
     mask, quirks = decode_mask(png(m), "m.png", BIG)
     out = mask_to_frame(mask, place((64, 64), (16, 16), "stretch"), quirks)
     assert not out.any()  # value 1 of 255 is background, not a label
+
+
+# -- decode limits count every byte (issue 11, item 3) ------------------------------------------
+def test_tiff_of_many_samples_is_refused_by_its_bytes_before_decoding() -> None:
+    """200 samples per pixel: 40,000 pixels pass a 50,000-pixel limit, but decoding would
+    allocate 8 MB, over 50,000 x 8 bytes."""
+    deep = np.zeros((200, 200, 200), np.uint8)
+    data = tiff(deep, photometric="minisblack", planarconfig="contig", compression="zlib")
+    assert len(data) < 100_000  # a small file
+    for fn in (decode_image, decode_mask):
+        r = reject(fn, data, "deep.tif", 50_000)
+        assert r.reason in ("too_large", "bad_mask")
+        assert "deep.tif" in r.detail and "8,000,000 bytes" in r.detail and "400,000" in r.detail
+
+
+def test_tiff_volume_page_is_counted_whole_then_refused_as_not_an_image() -> None:
+    vol = np.zeros((4, 32, 32, 3), np.uint8)
+    data = tiff(vol, volumetric=True, tile=(16, 16), photometric="rgb")
+    assert reject(decode_image, data, "vol.tif", 32 * 32).reason == "too_large"  # 12 kB > 8 kB
+    r = reject(decode_image, data, "vol.tif", BIG)
+    assert r.reason == "unreadable" and "4 dimensions" in r.detail
+
+
+def test_16bit_rgba_at_the_pixel_limit_is_within_the_byte_limit() -> None:
+    arr = np.full((16, 16, 4), 40000, np.uint16)
+    assert decode_image(tiff(arr), "rgba16.tif", 16 * 16).orig_size == (16, 16)
+
+
+def test_decode_errors_name_the_file_not_the_buffer() -> None:
+    for data, name in ((b"this is not an image\n" * 20, "x.jpg"), (b"junk" * 10, "m.png")):
+        for fn in (decode_image, decode_mask):
+            r = reject(fn, data, name, BIG)
+            assert name in r.detail
+            assert "BytesIO" not in r.detail and "object at 0x" not in r.detail
+
+
+# -- which mask pixels are foreground (issue 11, low) -------------------------------------------
+LABELS = box_mask(16, 24, (2, 2, 8, 10), fg=1) + box_mask(16, 24, (9, 12, 14, 20), fg=3)
+
+
+def _framed(data: bytes, positive: str = "auto") -> tuple[np.ndarray, list[str]]:
+    mask, quirks = decode_mask(data, "m.png", BIG, positive)  # type: ignore[arg-type]
+    return mask_to_frame(mask, place((16, 24), (16, 24), "stretch"), quirks), quirks
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+def test_label_map_is_foreground_where_nonzero_under_auto(fmt) -> None:
+    data = png(LABELS) if fmt == "png" else tiff(LABELS.astype(np.uint16))
+    out, quirks = _framed(data)
+    np.testing.assert_array_equal(out, LABELS != 0)
+    assert quirks == ["mask_label_map"]
+
+
+def test_explicit_ge128_on_a_label_map_says_it_emptied_the_mask() -> None:
+    out, quirks = _framed(png(LABELS), "ge128")
+    assert not out.any() and quirks == ["mask_thresholded", "mask_emptied"]
+
+
+def test_explicit_nonzero_counts_faint_pixels() -> None:
+    m = box_mask(16, 24, (2, 2, 8, 10), fg=255)
+    m[0, 0] = 40
+    out, quirks = _framed(png(m), "nonzero")
+    np.testing.assert_array_equal(out, m != 0)
+    assert quirks == []
+    out, quirks = _framed(png(m))  # auto: 0/255 with noise is thresholded at 128
+    np.testing.assert_array_equal(out, m >= 128)
+    assert quirks == ["mask_thresholded"]
+
+
+@pytest.mark.parametrize("colour", [0, 255])
+def test_alpha_only_mask_uses_its_alpha(colour) -> None:
+    m = box_mask(16, 24, (3, 4, 9, 15))
+    rgba = np.dstack([np.full_like(m, colour)] * 3 + [m])
+    out, quirks = _framed(png(rgba))
+    np.testing.assert_array_equal(out, m != 0)
+    assert quirks == ["mask_from_alpha"]
