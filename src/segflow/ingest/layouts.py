@@ -31,48 +31,73 @@ def discover(cfg: IngestConfig, source: Store, masks: Store) -> Discovery:
             f"source {source.url!r} holds no files; check the --source URL (and credentials)"
         )
     separate = masks.url != source.url
-    files, link_skips = _screen_links(source, files)
-    mask_files = files
-    if separate:
-        mask_files, mask_skips = _screen_links(masks, masks.list())
-        link_skips += mask_skips
+    mask_files = masks.list() if separate else files
     d = discoverer(cfg.layout)(Listing(cfg, source, files, mask_files, separate))
     d = _drop_duplicates(d)
     d.rejected = [
         replace(s, source=(masks if s.reason == "orphan_mask" else source).uri(s.source))
         for s in d.rejected
-    ] + link_skips
-    return d
+    ]
+    return _drop_bad_links(d, source, masks, files, mask_files)
 
 
-def _screen_links(store: Store, files: list[FileInfo]) -> tuple[list[FileInfo], list[Skip]]:
-    """Symbolic links in a local source: one that points nowhere is ``unreadable``; one that
-    resolves outside the store is refused (``unreadable``), so that a source folder can never
-    pull a file from elsewhere on the machine (a key, another user's data) into a dataset.
-    Links that stay inside the store are followed. Object stores have no links."""
+def _drop_bad_links(
+    d: Discovery, source: Store, masks: Store, files: list[FileInfo], mask_files: list[FileInfo]
+) -> Discovery:
+    """Rows whose image, mask or data file is a refused link become ``unreadable`` rejections
+    (their mask is not an orphan: it has an image, which cannot be read)."""
+    bad = {("s", rel): why for rel, why in _bad_links(source, files).items()}
+    if masks.url != source.url:
+        bad |= {("m", rel): why for rel, why in _bad_links(masks, mask_files).items()}
+    else:
+        bad |= {("m", k[1]): why for k, why in bad.items()}
+    if not bad:
+        return d
+    rows = []
+    for r in d.rows:
+        inputs = [("s", r.image), ("m", r.mask), ("s", r.extra.get("raw"))]
+        hit = next((k for k in inputs if k in bad), None)
+        if hit is None:
+            rows.append(r)
+            continue
+        where = (source if hit[0] == "s" else masks).uri(hit[1])
+        d.rejected.append(Skip(where, "unreadable", bad[hit], r.fingerprint))
+    return Discovery(rows, _dedupe_skips(d.rejected), d.ignored)
+
+
+def _bad_links(store: Store, files: list[FileInfo]) -> dict[str, str]:
+    """Symbolic links of a local store that are refused, and why: one that points nowhere,
+    and one that resolves outside the store, so that a source folder can never pull a file
+    from elsewhere on the machine (a key, another user's data) into a dataset. Links that
+    stay inside the store are followed. Object stores have no links."""
     if not store.is_local:
-        return files, []
+        return {}
     root = os.path.realpath(store.root)
-    kept, skipped = [], []
+    bad = {}
     for f in files:
         path = store.path(f.rel)
         if not os.path.islink(path):
-            kept.append(f)
             continue
         target = os.path.realpath(path)
         if not os.path.exists(target):
-            why = f"dangling symbolic link to {os.readlink(path)} (no such file)"
+            bad[f.rel] = f"dangling symbolic link to {os.readlink(path)} (no such file)"
         elif os.path.commonpath([root, target]) != root:
-            why = (
+            bad[f.rel] = (
                 f"symbolic link to {target}, outside the source {root}; segflow reads only "
                 "files inside the source: copy the file in, or use the folder that holds it as "
                 "the source"
             )
-        else:
-            kept.append(f)
-            continue
-        skipped.append(Skip(store.uri(f.rel), "unreadable", why, f.fingerprint))
-    return kept, skipped
+    return bad
+
+
+def _dedupe_skips(skips: list[Skip]) -> list[Skip]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in skips:
+        if (s.source, s.reason) not in seen:
+            seen.add((s.source, s.reason))
+            out.append(s)
+    return out
 
 
 # -- isic -----------------------------------------------------------------------------------------

@@ -122,8 +122,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         ds.delete(STAGING, recursive=True)
         plan = None
     run = RunInputs(cfg, ds, g, committed, found, change, previous, t0)
-    if plan is None and not change.new and not change.updated:
-        return _up_to_date(run)
+    if plan is None and not change.new and not change.updated and previous:
+        return _up_to_date(run)  # (a first run writes its report even when no row is good)
 
     plan = _make_plan(ds, plan, committed.n, change)
     slots = [Slot(**s) for s in plan["slots"]]
