@@ -135,11 +135,11 @@ def test_luna_slices_and_circle_masks_follow_world_coordinates(location):
     write_mhd(src, "9.9.9", vol, spacing, origin)  # no nodules: yields no slices
     # nodule at voxel (x=40, y=24, z=10), diameter 8 mm -> radius 4 mm = 2 slices, 8 voxels
     centre = (origin[0] + 40 * 0.5, origin[1] + 24 * 0.5, origin[2] + 10 * 2.0)
+    x, y, z = centre
     rows = [
-        {"seriesuid": "1.2.3", "coordX": centre[0], "coordY": centre[1], "coordZ": centre[2],
-         "diameter_mm": 8.0},
+        {"seriesuid": "1.2.3", "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": 8.0},
         {"seriesuid": "4.4.4", "coordX": 0, "coordY": 0, "coordZ": 0, "diameter_mm": 5.0},
-    ]  # fmt: skip
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()

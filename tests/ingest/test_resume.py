@@ -26,9 +26,12 @@ def test_rerun_is_noop_and_new_files_are_appended(location):
     src = location.store("raw")
     write_isic(src, range(5))
     cfg = IngestConfig(
-        layout="isic", source=src.url, dataset=location.url("ds"), size=(32, 32),
+        layout="isic",
+        source=src.url,
+        dataset=location.url("ds"),
+        size=(32, 32),
         storage=location.storage,
-    )  # fmt: skip
+    )
     first = ingest(cfg)
     chunks = location.store("ds").list("images/c")
     again = ingest(cfg)
@@ -76,10 +79,9 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_the_source(local, tmp_path):
     n = 160
     ids = write_isic(src, range(n), h=64, w=64)
     dataset = tmp_path / "ds"
-    args = [
-        sys.executable, "-m", "segflow.cli", "ingest", "--layout", "isic", "--source", src.url,
-        "--dataset", str(dataset), "--size", "64", "64", "--workers", "1",
-    ]  # fmt: skip
+    args = [sys.executable, "-m", "segflow.cli", "ingest", "--layout", "isic"]
+    args += ["--source", src.url, "--dataset", str(dataset), "--size", "64", "64"]
+    args += ["--workers", "1"]
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("batch_size: 1\n")  # small batches: records land one by one
     proc = subprocess.Popen([*args, "--config", str(cfg_file)], stderr=subprocess.DEVNULL)
