@@ -129,7 +129,12 @@ def segflow_config(images: Path, masks: Path, dataset: Path, size: tuple[int, in
     from segflow.ingest import IngestConfig
 
     return IngestConfig(
-        layout="isic", source=str(images), masks=str(masks), dataset=str(dataset), size=size
+        layout="isic",
+        source=str(images),
+        masks=str(masks),
+        dataset=str(dataset),
+        size=size,
+        allow_external_links=True,  # the memory runs' sources are links into the data folder
     )
 
 

@@ -101,6 +101,13 @@ def ingest(
         str | None,
         typer.Option(help="mask foreground: auto | nonzero | ge128", show_default="auto"),
     ] = None,
+    allow_external_links: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-external-links",
+            help="follow symbolic links that point outside the source (default: refused)",
+        ),
+    ] = None,
     require_masks: Annotated[
         bool | None, typer.Option("--require-masks/--allow-unlabeled", show_default=False)
     ] = None,
@@ -131,6 +138,7 @@ def ingest(
         annotations=annotations,
         max_pixels=max_pixels,
         mask_positive=mask_positive,
+        allow_external_links=allow_external_links,
         require_masks=require_masks,
         strict=strict,
         storage=_storage(endpoint_url),

@@ -104,6 +104,16 @@ def test_links_dangling_or_outside_the_source_are_unreadable(local, tmp_path):
     assert "outside the source" in detail["ISIC_0000003.jpg"]
     assert "dangling" in detail["ISIC_0000004.jpg"]
     assert res.rejected_by_reason == {"unreadable": 2}
+    # allowed explicitly, the link out of the source is followed; the dangling one is not
+    allowed = IngestConfig(
+        layout="isic",
+        source=src.url,
+        dataset=local.url("ds2"),
+        size=(16, 16),
+        allow_external_links=True,
+    )
+    assert ingest(allowed).rejected_by_reason == {"unreadable": 1}
+    assert sorted(Dataset.open(local.url("ds2")).ids) == [f"ISIC_{k:07d}" for k in (0, 1, 3, 6)]
 
 
 def test_nerve_tif_next_to_tiff_is_a_duplicate_id(local):

@@ -33,6 +33,7 @@ def test_isic2017_train_masks_are_resized_to_the_256_images(shared_data, tmp_pat
             source=str(images),
             masks=str(masks),
             dataset=str(tmp_path / "ds"),
+            allow_external_links=True,  # the folders are links into shared/data
             size=(256, 256),
         )
     )

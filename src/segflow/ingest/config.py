@@ -36,6 +36,11 @@ class IngestConfig(StageConfig):
         description="mask foreground: ge128 (>= 128), nonzero, or auto (nonzero for label "
         "maps whose values stay below 128, else >= 128)",
     )
+    allow_external_links: bool = Field(
+        False,
+        description="follow symbolic links that resolve outside the source (default: refuse "
+        "them as unreadable; links inside the source are always followed)",
+    )
     # folder layout
     image_glob: str = Field("*", description="folder layout: fnmatch of image paths")
     mask_template: str = Field(

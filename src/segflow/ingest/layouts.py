@@ -38,17 +38,23 @@ def discover(cfg: IngestConfig, source: Store, masks: Store) -> Discovery:
         replace(s, source=(masks if s.reason == "orphan_mask" else source).uri(s.source))
         for s in d.rejected
     ]
-    return _drop_bad_links(d, source, masks, files, mask_files)
+    external = cfg.allow_external_links
+    return _drop_bad_links(d, source, masks, files, mask_files, external)
 
 
 def _drop_bad_links(
-    d: Discovery, source: Store, masks: Store, files: list[FileInfo], mask_files: list[FileInfo]
+    d: Discovery,
+    source: Store,
+    masks: Store,
+    files: list[FileInfo],
+    mask_files: list[FileInfo],
+    external: bool,
 ) -> Discovery:
     """Rows whose image, mask or data file is a refused link become ``unreadable`` rejections
     (their mask is not an orphan: it has an image, which cannot be read)."""
-    bad = {("s", rel): why for rel, why in _bad_links(source, files).items()}
+    bad = {("s", rel): why for rel, why in _bad_links(source, files, external).items()}
     if masks.url != source.url:
-        bad |= {("m", rel): why for rel, why in _bad_links(masks, mask_files).items()}
+        bad |= {("m", rel): why for rel, why in _bad_links(masks, mask_files, external).items()}
     else:
         bad |= {("m", k[1]): why for k, why in bad.items()}
     if not bad:
@@ -65,11 +71,11 @@ def _drop_bad_links(
     return Discovery(rows, _dedupe_skips(d.rejected), d.ignored)
 
 
-def _bad_links(store: Store, files: list[FileInfo]) -> dict[str, str]:
+def _bad_links(store: Store, files: list[FileInfo], external: bool) -> dict[str, str]:
     """Symbolic links of a local store that are refused, and why: one that points nowhere,
-    and one that resolves outside the store, so that a source folder can never pull a file
-    from elsewhere on the machine (a key, another user's data) into a dataset. Links that
-    stay inside the store are followed. Object stores have no links."""
+    and, unless ``external``, one that resolves outside the store, so that a source folder
+    can never pull a file from elsewhere on the machine (a key, another user's data) into a
+    dataset by default. Links inside the store are followed. Object stores have no links."""
     if not store.is_local:
         return {}
     root = os.path.realpath(store.root)
@@ -81,11 +87,11 @@ def _bad_links(store: Store, files: list[FileInfo]) -> dict[str, str]:
         target = os.path.realpath(path)
         if not os.path.exists(target):
             bad[f.rel] = f"dangling symbolic link to {os.readlink(path)} (no such file)"
-        elif os.path.commonpath([root, target]) != root:
+        elif not external and os.path.commonpath([root, target]) != root:
             bad[f.rel] = (
-                f"symbolic link to {target}, outside the source {root}; segflow reads only "
-                "files inside the source: copy the file in, or use the folder that holds it as "
-                "the source"
+                f"symbolic link to {target}, outside the source {root}; links out of the "
+                "source are refused unless allowed (--allow-external-links), or copy the file "
+                "in, or use the folder that holds it as the source"
             )
     return bad
 
