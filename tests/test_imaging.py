@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from functools import cache
 
 import numpy as np
@@ -909,3 +911,15 @@ def test_alpha_only_mask_uses_its_alpha(colour) -> None:
     out, quirks = _framed(png(rgba))
     np.testing.assert_array_equal(out, m != 0)
     assert quirks == ["mask_from_alpha"]
+
+
+def test_a_decompression_bomb_quotes_our_limit_not_pillows() -> None:
+    """A PNG whose header claims 20000 x 20000, over twice Pillow's own limit: Pillow refuses
+    to open it, and the message quotes the caller's limit, not Pillow's 178,956,970."""
+    tiny = png(Image.new("L", (1, 1)))
+    body = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
+    data = tiny[:8] + ihdr + tiny[33:]  # 8 signature + 25 IHDR bytes replaced
+    r = reject(decode_image, data, "bomb.png", 1_000_000)
+    assert r.reason == "too_large" and "bomb.png" in r.detail and "1,000,000" in r.detail
+    assert "178,956,970" not in r.detail and "400,000,000 pixels" in r.detail

@@ -313,8 +313,14 @@ def _open_pil(data: bytes, name: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise Rejected("too_large", f"{name}: {_describe(e)}") from None
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit: say ours
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1]):,} pixels" if found else "too many pixels"
+        raise Rejected(
+            "too_large",
+            f"{name} is {size}, over the limit of {max_pixels:,}; raise max_pixels if the "
+            "file is trusted",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise Rejected(
             "unreadable", f"{name} is not an image Pillow can read ({_describe(e)})"

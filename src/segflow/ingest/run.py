@@ -34,7 +34,13 @@ from segflow.ingest.crash import crash_point
 from segflow.ingest.layouts import discover
 from segflow.ingest.rows import Discovery, RowSpec
 from segflow.ingest.worker import STAGING, Slot, WorkerContext, process_batch, record_name
-from segflow.ingest.writer import copy_rows, create_or_check, ensure_capacity, write_index
+from segflow.ingest.writer import (
+    copy_rows,
+    create_or_check,
+    ensure_capacity,
+    trim_pixels,
+    write_index,
+)
 from segflow.storage import Store
 
 log = logging.getLogger("segflow.ingest")
@@ -124,6 +130,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     run = RunInputs(cfg, ds, g, committed, found, change, previous, t0)
     if plan is None and not change.new and not change.updated and previous:
         return _up_to_date(run)  # (a first run writes its report even when no row is good)
+    if plan is None:
+        trim_pixels(g, committed.n)
 
     plan = _make_plan(ds, plan, committed.n, change)
     slots = [Slot(**s) for s in plan["slots"]]

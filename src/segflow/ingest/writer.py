@@ -112,6 +112,14 @@ def ensure_capacity(g: zarr.Group, n: int, with_masks: bool) -> None:
             g[name].resize((n, *g[name].shape[1:]))
 
 
+def trim_pixels(g: zarr.Group, n: int) -> None:
+    """Cut the pixel arrays back to the ``n`` committed rows, which deletes every chunk past
+    them: a new plan must never find a chunk left by a plan that was given up."""
+    for name in ("images", "masks"):
+        if name in g and g[name].shape[0] != n:
+            g[name].resize((n, *g[name].shape[1:]))
+
+
 RowEncoder = Callable[[int, np.ndarray], tuple[str, bytes]]
 
 
@@ -210,9 +218,7 @@ def write_index(g: zarr.Group, index: Index) -> None:
     crash_point("columns")
     write("fingerprints")
     crash_point("fingerprints")
-    for name in ("images", "masks"):
-        if name in g and g[name].shape[0] != n:
-            g[name].resize((n, *g[name].shape[1:]))
+    trim_pixels(g, n)
     attrs = dict(g.attrs)
     g.attrs.update(
         {"n": n, "segflow_version": __version__, "content_hash": content_hash(attrs, index)}
