@@ -233,7 +233,7 @@ def _write_dataset(url: str, masks: np.ndarray, has_mask: np.ndarray) -> None:
     g = zarr.open_group(Store(url).zarr_store(), mode="w")
     g.create_array("masks", data=masks, chunks=(1, *masks.shape[1:]))
     g.create_array("has_mask", data=has_mask)
-    g.attrs["n"] = len(masks)
+    g.attrs.update({"n": len(masks), "contract": 1})
 
 
 def _write_oof(url: str, probs: np.ndarray, folds: dict[int, list[int]]) -> None:
