@@ -69,8 +69,8 @@ CHANGES = {
 }
 
 
-def _snapshot(url: str) -> dict:
-    ds = Dataset.open(url)
+def _snapshot(url: str, storage=None) -> dict:
+    ds = Dataset.open(url, storage)
     report = ds.store.read_json("report.json")
     rows = {}
     for i, image_id in enumerate(ds.ids):
@@ -189,3 +189,35 @@ def test_sigkill_at_a_point_then_rerun(local, tmp_path, point, change):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     CHANGES[change](src)
     _check_rerun(cfg, src, tmp_path)
+
+
+def test_killed_mid_commit_local_and_on_s3(location, tmp_path, monkeypatch):
+    """The journal's row copies and index writes on an object store (and locally)."""
+    src = location.store("raw")
+    for k in range(3):
+        _write(src, k)
+    cfg = IngestConfig(
+        layout="isic",
+        source=src.url,
+        dataset=location.url("ds"),
+        size=SIZE,
+        storage=location.storage,
+    )
+    ingest(cfg)
+    _write(src, 1, content=7)  # an update: copied from its scratch row onto row 1
+    src.write_bytes("ISIC_0000003.jpg", b"not a jpeg")  # a hole that row 4 moves into
+    src.write_bytes("ISIC_0000003_segmentation.png", png_bytes(coded_pair(3, 12, 16)[1]))
+    _write(src, 4)
+    monkeypatch.setattr(crash, "_kill", _kill)
+    monkeypatch.setenv(crash.ENV, "fingerprints")
+    with pytest.raises(Killed):
+        ingest(cfg)
+    monkeypatch.delenv(crash.ENV)
+    assert ingest(cfg).status == "up_to_date"  # the journal was finished first
+    got = _snapshot(cfg.dataset, location.storage)
+    row1 = Dataset.open(cfg.dataset, location.storage)
+    assert sorted(got["rows"]) == [f"ISIC_{k:07d}" for k in (0, 1, 2, 4)]
+    image = row1.image(row1.ids.index("ISIC_0000001"))
+    want = np.array(coded_pair(7, 12, 16)[0][0, 0], int)
+    assert np.abs(image[0, 0].astype(int) - want).max() < 12
+    assert got["counts"] == {"unreadable": 1} and got["images_len"] == 4
