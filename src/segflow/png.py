@@ -26,12 +26,13 @@ _GREY, _DEPTH8, _NOT_INTERLACED = 0, 8, 0
 _NONE, _SUB, _UP = 0, 1, 2
 
 
-def decode_grey8(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray | None:
+def decode_grey8(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     """(H, W) uint8 pixels of an 8-bit greyscale, non-interlaced PNG whose rows use only the
     None/Sub/Up filters; ``None`` for anything else (decode that with Pillow). ``size``: the
-    (W, H) the caller already checked against its pixel limit (Pillow's header parse); a file
-    whose header says otherwise is left to Pillow. Inflating stops at the bytes W x H needs, so
-    a small file claiming gigabytes of rows never gets them."""
+    (W, H) the caller already checked against its pixel limit (Pillow's header parse): it is
+    required, so nothing is allocated that no limit was checked for; a file whose header says
+    otherwise is left to Pillow. Inflating stops at the bytes W x H needs, so a small file
+    claiming gigabytes of rows never gets them."""
     if not data.startswith(SIGNATURE):
         return None
     try:
@@ -41,7 +42,7 @@ def decode_grey8(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray
         return None
     if (depth, colour, interlace) != (_DEPTH8, _GREY, _NOT_INTERLACED) or not (w and h):
         return None
-    if size is not None and (w, h) != tuple(size):
+    if (w, h) != tuple(size):
         return None
     want = h * (w + 1)
     inflate = _zlib.decompressobj()
