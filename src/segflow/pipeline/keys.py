@@ -58,7 +58,7 @@ def stage_modules(stage: str, root: Path = _PKG) -> dict[str, Path]:
             continue
         followed.add(name)
         found[name] = path
-        todo += _imports(name, path)
+        todo += _imports(name, path.name == "__init__.py", path.read_bytes())
         for parent in _parents(name):
             if (init := _module_file(parent, root)) is not None:
                 found[parent] = init  # hashed; followed only if imported itself
@@ -79,12 +79,14 @@ def _parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _imports(name: str, path: Path) -> list[str]:
-    """The segflow modules ``path`` imports; ``from m import x`` names both ``m`` and
-    ``m.x``, since ``x`` may be a submodule (names that are not modules are dropped later)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+@functools.lru_cache(maxsize=1024)
+def _imports(name: str, is_package: bool, source: bytes) -> tuple[str, ...]:
+    """The segflow modules that module ``name`` imports; ``from m import x`` names both ``m``
+    and ``m.x``, since ``x`` may be a submodule (names that are not modules are dropped
+    later). Cached by content: a file is parsed again only when it changed."""
+    package = name if is_package else name.rpartition(".")[0]
     out: list[str] = []
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, ast.Import):
             out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -94,7 +96,7 @@ def _imports(name: str, path: Path) -> list[str]:
             else:
                 base = node.module or ""
             out += [base, *(f"{base}.{a.name}" for a in node.names)]
-    return [m for m in out if m == "segflow" or m.startswith("segflow.")]
+    return tuple(m for m in out if m == "segflow" or m.startswith("segflow."))
 
 
 def code_hash(stage: str, root: Path = _PKG) -> str:
