@@ -16,7 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prefect.client.orchestration import get_client
 
