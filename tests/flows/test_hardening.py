@@ -47,21 +47,36 @@ def _commands(tmp: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     t = str(tmp)
     run_cfg = {"ingest": {"size": [16, 16]}}
     return {
-        "ingest": ({"layout": "isic", "source": f"{t}/raw", "dataset": f"{t}/ds"},
-                   {"layout": "dicom"}),
+        "ingest": (
+            {"layout": "isic", "source": f"{t}/raw", "dataset": f"{t}/ds"},
+            {"layout": "dicom"},
+        ),
         "train": ({"dataset": f"{t}/ds", "models": f"{t}/m"}, {"epochs": "many"}),
-        "predict": ({"source": f"{t}/new", "models": f"{t}/m", "out": f"{t}/o"},
-                    {"tta": "sideways"}),
+        "predict": (
+            {"source": f"{t}/new", "models": f"{t}/m", "out": f"{t}/o"},
+            {"tta": "sideways"},
+        ),
         "evaluate": ({"truth": f"{t}/new", "predictions": f"{t}/o"}, {"layout": "weird"}),
         "export-rle": ({"predictions": f"{t}/o", "out": f"{t}/rle.csv"}, {"layout": "weird"}),
-        "crops": ({"predictions": f"{t}/o", "source": f"{t}/new", "out": f"{t}/c"},
-                  {"mode": "weird"}),
+        "crops": (
+            {"predictions": f"{t}/o", "source": f"{t}/new", "out": f"{t}/c"},
+            {"mode": "weird"},
+        ),
         "serve": ({"models": f"{t}/m"}, {"port": "eighty"}),
-        "run": ({"models_url": f"{t}/m", "flow": "pipeline", "dataset_source": f"{t}/raw",
-                 "layout": "isic", "source": f"{t}/new", "out_url": f"{t}/o", "config": run_cfg},
-                {"config": {**run_cfg, "ingest": {"size": "big"}}}),
+        "run": (
+            {
+                "models_url": f"{t}/m",
+                "flow": "pipeline",
+                "dataset_source": f"{t}/raw",
+                "layout": "isic",
+                "source": f"{t}/new",
+                "out_url": f"{t}/o",
+                "config": run_cfg,
+            },
+            {"config": {**run_cfg, "ingest": {"size": "big"}}},
+        ),
         "demo-data": ({"out": f"{t}/demo", "n": 2, "size": [16, 16]}, {"n": "many"}),
-    }  # fmt: skip
+    }
 
 
 NO_CONFIG = {"version"}  # commands without --config: nothing to leak
@@ -123,15 +138,24 @@ def _direct_flow_calls(tmp: Path) -> dict[str, Any]:
             f"{t}/new", f"{t}/m", f"{t}/o", {"predict": {"storage": storage}}
         ),
         "pipeline_flow": lambda: pipeline_flow(
-            f"{t}/raw", "isic", f"{t}/m", f"{t}/new", f"{t}/o",
+            f"{t}/raw",
+            "isic",
+            f"{t}/m",
+            f"{t}/new",
+            f"{t}/o",
             {"storage": endpoint, "ingest": {"size": "big"}},
         ),
         # a valid config with an endpoint password: the flow runs (and may well succeed)
         "ingest_flow, endpoint password": lambda: ingest_flow(
-            {"layout": "isic", "source": f"{t}/raw", "dataset": f"{t}/ds2", "storage": endpoint,
-             "size": [16, 16]}
+            {
+                "layout": "isic",
+                "source": f"{t}/raw",
+                "dataset": f"{t}/ds2",
+                "storage": endpoint,
+                "size": [16, 16],
+            }
         ),
-    }  # fmt: skip
+    }
 
 
 def _api_text() -> str:
