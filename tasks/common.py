@@ -28,6 +28,11 @@ class SegflowFlow(Flow):
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         return redact(super().serialize_parameters(parameters))
 
+    def with_options(self, **options: Any) -> SegflowFlow:
+        copy = super().with_options(**options)  # Prefect builds a plain Flow
+        copy.__class__ = SegflowFlow
+        return copy
+
 
 def segflow_flow(**options: Any) -> Callable[[Callable[..., Any]], SegflowFlow]:
     """``@flow(...)`` for segflow's flows: the same options, the parameters redacted."""

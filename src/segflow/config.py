@@ -34,6 +34,11 @@ class StageConfig(BaseModel):
         data["storage"] = self.storage.public_dict()
         return _drop_secrets(data, self)
 
+    def __repr_args__(self):
+        # addresses may carry userinfo too (ray://user:pass@host); storage redacts its own
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
+
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Self:
         """Build from an optional YAML file plus overrides; ``None`` overrides are ignored."""
