@@ -5,15 +5,15 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from prefect import flow
-
 from segflow.ingest import IngestConfig
-from tasks.common import start_flow
+from segflow.pipeline.config import refuse_secrets
+from tasks.common import segflow_flow, start_flow
 from tasks.train import ingest_dataset
 
 
-@flow(name="ingest", log_prints=True)
+@segflow_flow(name="ingest", log_prints=True)
 def ingest_flow(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = IngestConfig.model_validate(config)
+    refuse_secrets(config)
+    cfg = IngestConfig.load(None, **config)
     cached = start_flow(posixpath.dirname(cfg.dataset.rstrip("/")), cfg.storage)  # beside it
-    return cached(ingest_dataset)(cfg)
+    return cached(ingest_dataset)(cfg).model_dump()

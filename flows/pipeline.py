@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.segment import segment_flow
 from flows.train import train_flow
+from tasks.common import segflow_flow
 
 
-@flow(name="pipeline", log_prints=True)
+@segflow_flow(name="pipeline", log_prints=True)
 def pipeline_flow(
     dataset_source: str,
     layout: str,
@@ -20,7 +19,8 @@ def pipeline_flow(
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     trained = train_flow(dataset_source, layout, models_url, config)
-    # segment with exactly the version just trained, not whatever "latest" is by then
+    # segment with exactly the version just trained, not whatever "latest" is by then, and
+    # in the layout the data was ingested in (unless config.predict sets its own)
     segment_config = {**(config or {}), "version": trained["version"]}
-    segmented = segment_flow(source, models_url, out_url, segment_config)
+    segmented = segment_flow(source, models_url, out_url, segment_config, layout=layout)
     return {"train": trained, "segment": segmented}

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from segflow.pipeline.artifacts import Progress, describe_run, publish_segmentation
 from segflow.pipeline.config import FlowConfig
-from tasks.common import start_flow
+from tasks.common import segflow_flow, start_flow
 from tasks.segment import (
     crop_masks,
     evaluate_predictions,
@@ -22,28 +21,34 @@ from tasks.segment import (
 )
 
 
-@flow(
+@segflow_flow(
     name="segment",
     flow_run_name="segment",
     log_prints=True,
     task_runner=ThreadPoolTaskRunner(max_workers=16),
 )
 def segment_flow(
-    source: str, models_url: str, out_url: str, config: dict[str, Any] | None = None
+    source: str,
+    models_url: str,
+    out_url: str,
+    config: dict[str, Any] | None = None,
+    layout: str | None = None,
 ) -> dict[str, Any]:
+    """``layout``: how the source names its images (and crops and evaluation their masks);
+    ``config.predict.layout`` wins when given."""
     cfg = FlowConfig.parse(config)
     cached = start_flow(out_url, cfg.storage)
 
     version = cached(resolve_model_version)(models_url, cfg.version, cfg.storage)
-    predict_cfg = cfg.predict_config(version.models, source, out_url)
+    predict_cfg = cfg.predict_config(version.models, source, out_url, layout)
     describe_run(
         "segment",
         {"source": source, "model version": version.id, "models": version.models, "out": out_url},
         predict_cfg.public_dict(),
     )
     plan = cached(plan_shards)(predict_cfg, version)
-    progress = Progress(len(plan["shards"]), f"shards of {source} predicted")
-    futures = [cached(predict_shard).submit(predict_cfg, plan, s["shard"]) for s in plan["shards"]]
+    progress = Progress(len(plan.shards), f"shards of {source} predicted")
+    futures = [cached(predict_shard).submit(predict_cfg, plan, s.shard) for s in plan.shards]
     for done, _ in enumerate(as_completed(futures), start=1):
         progress.update(done)
     shards = [f.result() for f in futures]
@@ -51,8 +56,13 @@ def segment_flow(
     evaluation = None
     if cfg.truth:
         evaluation = cached(evaluate_predictions)(
-            cfg.truth, cfg.evaluate_layout(), cfg.storage, summary
+            cfg.truth, cfg.evaluate_layout(predict_cfg), cfg.storage, summary
         )
-    crops = cached(crop_masks)(cfg.crops_config(out_url, source, out_url), plan, summary)
+    crops = cached(crop_masks)(cfg.crops_config(predict_cfg, out_url), plan, summary)
     publish_segmentation(summary, evaluation, crops)
-    return {"version": version.id, "predictions": summary, "evaluation": evaluation, "crops": crops}
+    return {
+        "version": version.id,
+        "predictions": summary.model_dump(),
+        "evaluation": evaluation and evaluation.model_dump(),
+        "crops": crops.model_dump(),
+    }

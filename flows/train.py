@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from segflow.pipeline.artifacts import describe_run, publish_training
 from segflow.pipeline.config import FlowConfig
 from segflow.pipeline.stages import training_run
-from tasks.common import start_flow
+from tasks.common import segflow_flow, start_flow
 from tasks.train import (
     choose_postprocessing,
     evaluate_oof,
@@ -24,7 +23,7 @@ from tasks.train import (
 )
 
 
-@flow(
+@segflow_flow(
     name="train",
     flow_run_name="train-{layout}",
     log_prints=True,
@@ -42,15 +41,15 @@ def train_flow(
         "train",
         {
             "source": dataset_source,
-            "dataset": dataset["url"],
-            "data hash": dataset["hash"],
+            "dataset": dataset.url,
+            "data hash": dataset.hash,
             "run": train_cfg.models,
         },
         train_cfg.public_dict(),
     )
     plan = cached(prepare_training)(train_cfg, dataset)
     # one task run per fold, all at once: each asks Ray for its own GPU
-    futures = [cached(train_fold).submit(train_cfg, plan, k) for k in plan["folds"]]
+    futures = [cached(train_fold).submit(train_cfg, plan, k) for k in plan.folds]
     wait(futures)  # every fold finishes (or fails) before any result is used
     folds = [f.result() for f in futures]
     oof = cached(evaluate_oof)(train_cfg, plan, folds)
@@ -59,9 +58,9 @@ def train_flow(
     overlays = cached(render_overlays)(train_cfg, plan, version)
     publish_training(version, overlays, cfg.storage)
     return {
-        "version": version["version"],
-        "record": version["url"],
-        "dataset": dataset,
-        "oof": oof["overall"],
-        "choice": {k: choice[k] for k in ("threshold", "postprocess")},
+        "version": version.version,
+        "record": version.url,
+        "dataset": dataset.model_dump(),
+        "oof": oof.overall,
+        "choice": choice.model_dump(include={"threshold", "postprocess"}),
     }

@@ -23,9 +23,8 @@ out_url: $OUT/predictions
 config:
   ingest: {size: [128, 128]}
   train: {folds: 2, epochs: $EPOCHS, encoder: resnet18, batch_size: 4, lr: 0.001}
-  predict: {layout: isic, tta: flips}
+  predict: {tta: flips}
   truth: $OUT/holdout
-  evaluate: {layout: isic}
   crops: {mode: all}
 YAML
 echo ">> 2/2 running pipeline_flow from $OUT/pipeline.yaml (Prefect; folds on local Ray)"

@@ -1,21 +1,42 @@
 """What every segflow task shares: its results and cache records live in the pipeline's own
-object store, I/O gets retries with backoff, and segflow's log lines reach Prefect's logger."""
+object store as JSON manifests, I/O gets retries with backoff, its cache key is computed from
+its own typed parameters, and segflow's log lines reach Prefect's logger."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import State, Task, task
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+from prefect import Flow, State, Task, task
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
 from segflow.errors import ConfigError, DatasetError, InputError
-from segflow.storage import StorageOptions, Store, sha256_json
+from segflow.pipeline.results import ManifestSerializer, result_storage
+from segflow.storage import StorageOptions, redact
 
 T = TypeVar("T", bound=Task)
+
+
+class SegflowFlow(Flow):
+    """A Prefect flow whose parameters are stored with every credential hidden. Flows refuse
+    credentials in their config, but Prefect records the parameters of a run before the flow's
+    code can look at them."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return redact(super().serialize_parameters(parameters))
+
+    def with_options(self, **options: Any) -> SegflowFlow:
+        copy = super().with_options(**options)  # Prefect builds a plain Flow
+        copy.__class__ = SegflowFlow
+        return copy
+
+
+def segflow_flow(**options: Any) -> Callable[[Callable[..., Any]], SegflowFlow]:
+    """``@flow(...)`` for segflow's flows: the same options, the parameters redacted."""
+    return lambda fn: SegflowFlow(fn, **options)
 
 
 # Bad configuration or input fails the same way every time: those errors are not retried.
@@ -33,40 +54,49 @@ IO_RETRIES: dict[str, Any] = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": worth_retrying,
 }
-CACHED: dict[str, Any] = {"persist_result": True}
+# Results are JSON manifests, never pickles (see segflow.pipeline.results).
+CACHED: dict[str, Any] = {"persist_result": True, "result_serializer": ManifestSerializer()}
 
 
 def stage_task(
-    name: str, key: Callable[[dict[str, Any]], str], *, io: bool = True, run_name: str | None = None
+    name: str, key: Callable[..., str], *, pure: bool = False, run_name: str | None = None
 ) -> Callable[[Callable[..., Any]], Task]:
-    """A segflow stage as a Prefect task: its result persisted under ``key(parameters)`` (input
-    content hashes + stage config + code version, never the run id, so a later run reuses it),
-    with :data:`IO_RETRIES` when it reads or writes object storage (``io``)."""
-    return task(
-        name=name,
-        task_run_name=run_name,
-        cache_key_fn=lambda _, parameters: key(parameters),
-        **CACHED,
-        **(IO_RETRIES if io else {}),
-    )
+    """A segflow stage as a Prefect task: its result persisted under ``key(...)`` (input content
+    hashes + stage config + code version, never the run id, so a later run reuses it). ``key``
+    takes some of the task's parameters, by the same names and types; that is checked here,
+    when the task is defined, so a rename fails on import, not in a run. Every task gets
+    :data:`IO_RETRIES` unless it is marked ``pure`` (computes only, touches no storage)."""
+
+    def wrap(fn: Callable[..., Any]) -> Task:
+        wanted = _key_parameters(name, fn, key)
+
+        def cache_key(_: Any, parameters: dict[str, Any]) -> str:
+            return key(**{p: parameters[p] for p in wanted})
+
+        return task(
+            name=name,
+            task_run_name=run_name,
+            cache_key_fn=cache_key,
+            **CACHED,
+            **({} if pure else IO_RETRIES),
+        )(fn)
+
+    return wrap
 
 
-_SECRET_KEYS = ("key", "secret", "token")
-
-
-def result_storage(url: str, storage: StorageOptions) -> LocalFileSystem | RemoteFileSystem:
-    """A Prefect filesystem block at ``url``, saved under a name derived from the location
-    (Prefect needs result storage saved server-side). Only the endpoint and region are saved:
-    credentials stay in the environment of the process that runs the flow."""
-    store = Store(url, storage)
-    if store.is_local:
-        block = LocalFileSystem(basepath=store.path())
-    else:
-        public = {k: v for k, v in storage.fsspec_kwargs().items() if k not in _SECRET_KEYS}
-        block = RemoteFileSystem(basepath=store.uri(), settings=public)
-    name = f"segflow-results-{sha256_json([store.uri(), storage.public_dict()])[:16]}"
-    block.save(name, overwrite=True)
-    return block
+def _key_parameters(name: str, fn: Callable[..., Any], key: Callable[..., str]) -> list[str]:
+    """The names ``key`` takes, after checking each is a parameter of ``fn`` of the same type."""
+    params = inspect.signature(fn, eval_str=True).parameters
+    wanted = list(inspect.signature(key, eval_str=True).parameters.values())
+    for p in wanted:
+        if p.name not in params:
+            raise TypeError(f"cache key of task {name!r} takes {p.name!r}, not a task parameter")
+        if p.annotation != params[p.name].annotation:
+            raise TypeError(
+                f"cache key of task {name!r}: {p.name!r} is {p.annotation} there but "
+                f"{params[p.name].annotation} in the task"
+            )
+    return [p.name for p in wanted]
 
 
 def stored_in(url: str, storage: StorageOptions) -> Callable[[T], T]:

@@ -4,58 +4,56 @@ from __future__ import annotations
 
 from segflow.crops import CropsConfig
 from segflow.pipeline import stages
-from segflow.pipeline.stages import Manifest
+from segflow.pipeline.manifests import (
+    CropsManifest,
+    EvaluationManifest,
+    PredictionPlan,
+    PredictionSummary,
+    ResolvedVersion,
+    ShardManifest,
+)
 from segflow.predict.config import PredictConfig
 from segflow.storage import StorageOptions
-from segflow.versions import ModelVersion
 from tasks.common import stage_task
 
 
-@stage_task(
-    "resolve-model-version",
-    lambda p: stages.resolve_key(p["models_url"], p["version"], p["storage"]),
-)
+@stage_task("resolve-model-version", stages.resolve_key)
 def resolve_model_version(
     models_url: str, version: str | None, storage: StorageOptions
-) -> ModelVersion:
+) -> ResolvedVersion:
     """The model version to segment with (default: the latest)."""
     return stages.resolve(models_url, version, storage)
 
 
-@stage_task("plan-shards", lambda p: stages.plan_key(p["cfg"], p["version"]))
-def plan_shards(cfg: PredictConfig, version: ModelVersion) -> Manifest:
+@stage_task("plan-shards", stages.plan_key)
+def plan_shards(cfg: PredictConfig, version: ResolvedVersion) -> PredictionPlan:
     """List the inputs and pack them into resumable shards (changed inputs rerun their shard)."""
     return stages.plan_segmentation(cfg, version)
 
 
-@stage_task(
-    "predict-shard",
-    lambda p: stages.shard_key(p["cfg"], p["plan"], p["shard"]),
-    run_name="predict-shard-{shard:04d}",
-)
-def predict_shard(cfg: PredictConfig, plan: Manifest, shard: int) -> Manifest:
+@stage_task("predict-shard", stages.shard_key, run_name="predict-shard-{shard:04d}")
+def predict_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> ShardManifest:
     """Predict one shard with the fold ensemble + TTA, as a Ray task on one GPU."""
     return stages.predict_one_shard(cfg, plan, shard)
 
 
-@stage_task("summarize-predictions", lambda p: stages.summary_key(p["cfg"], p["plan"], p["shards"]))
-def summarize_predictions(cfg: PredictConfig, plan: Manifest, shards: list[Manifest]) -> Manifest:
+@stage_task("summarize-predictions", stages.summary_key)
+def summarize_predictions(
+    cfg: PredictConfig, plan: PredictionPlan, shards: list[ShardManifest]
+) -> PredictionSummary:
     """Gather the shards' markers into predictions.json."""
     return stages.summarize_predictions(cfg, plan, shards)
 
 
-@stage_task(
-    "evaluate-predictions",
-    lambda p: stages.evaluation_key(p["truth"], p["layout"], p["storage"], p["summary"]),
-)
+@stage_task("evaluate-predictions", stages.evaluation_key)
 def evaluate_predictions(
-    truth: str, layout: str, storage: StorageOptions, summary: Manifest
-) -> Manifest:
+    truth: str, layout: str, storage: StorageOptions, summary: PredictionSummary
+) -> EvaluationManifest:
     """Score the predicted masks against the ground truth."""
     return stages.evaluate_predictions(truth, layout, storage, summary)
 
 
-@stage_task("crop-masks", lambda p: stages.crops_key(p["cfg"], p["plan"], p["summary"]))
-def crop_masks(cfg: CropsConfig, plan: Manifest, summary: Manifest) -> Manifest:
+@stage_task("crop-masks", stages.crops_key)
+def crop_masks(cfg: CropsConfig, plan: PredictionPlan, summary: PredictionSummary) -> CropsManifest:
     """Crop each image to its predicted lesion (largest component)."""
     return stages.crop_masks(cfg, plan, summary)

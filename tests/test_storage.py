@@ -7,7 +7,15 @@ import pickle
 import pytest
 
 from segflow.config import StageConfig
-from segflow.storage import StorageError, StorageOptions, Store, sha256_bytes, sha256_object
+from segflow.storage import (
+    SECRET_FIELDS,
+    StorageError,
+    StorageOptions,
+    Store,
+    redact,
+    sha256_bytes,
+    sha256_object,
+)
 
 
 def test_write_read_list_exists_delete(location):
@@ -85,3 +93,20 @@ def test_secrets_never_appear_in_dumps_or_reprs():
     assert "s3cr3t" not in text and "AKIAEXAMPLE" not in text
     assert cfg.public_dict()["storage"]["endpoint_url"] == "http://minio:9000"
     assert opts.fsspec_kwargs()["secret"] == "s3cr3t"  # only handed to the client
+
+
+def test_redact_hides_secret_names_and_url_userinfo_at_any_depth():
+    data = {
+        "storage": {"key": "AKIA1", "secret": None, "endpoint_url": "http://u:pw@h:9/x"},
+        "sections": [{"aws_secret_access_key": "s"}, "see https://a:b@c.d/e and s3://bkt/p@q"],
+        "size": (4, 4),
+    }
+    assert redact(data) == {
+        "storage": {"key": "<hidden>", "secret": None, "endpoint_url": "http://***@h:9/x"},
+        "sections": [
+            {"aws_secret_access_key": "<hidden>"},
+            "see https://***@c.d/e and s3://bkt/p@q",
+        ],
+        "size": (4, 4),
+    }
+    assert set(SECRET_FIELDS) == {"key", "secret", "token"}

@@ -6,7 +6,6 @@ file. The config saved beside an artifact is ``public_dict()``: secrets are neve
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -14,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from segflow.errors import ConfigError
-from segflow.storage import StorageOptions, sha256_json
+from segflow.storage import HIDDEN, StorageOptions, is_secret_name, redact, redact_url
 
 
 class StageConfig(BaseModel):
@@ -31,14 +30,14 @@ class StageConfig(BaseModel):
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every secret removed: safe to log, print and save."""
-        data = self.model_dump(mode="json", exclude={"storage"})
+        data = redact(self.model_dump(mode="json", exclude={"storage"}))
         data["storage"] = self.storage.public_dict()
         return _drop_secrets(data, self)
 
-    def fingerprint(self) -> str:
-        """Hash of the fields that determine a stage's outputs (for cache keys)."""
-        data = {k: v for k, v in self.public_dict().items() if k not in self.runtime_fields}
-        return sha256_json(data)
+    def __repr_args__(self):
+        # addresses may carry userinfo too (ray://user:pass@host); storage redacts its own
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Self:
@@ -60,7 +59,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        # only the position and the problem: PyYAML's own text quotes the offending line,
+        # which may hold a credential
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(p)!r} must hold a mapping of option: value, "
@@ -70,13 +74,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def format_validation_error(name: str, err: ValidationError) -> str:
+    """One line per error: where, what is wrong, and what was received, never a credential."""
     lines = [f"invalid {name}:"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        got = e.get("input")
-        shown = "<hidden>" if "secret" in loc or "key" in loc or "token" in loc else repr(got)
-        lines.append(f"  {loc}: {e['msg']} (received {shown})")
+        lines.append(f"  {loc}: {redact_url(e['msg'])}{_received(e)}")
     return "\n".join(lines)
+
+
+def _received(e: Any) -> str:
+    """The `` (received ...)`` part of one error, or nothing where showing the input could
+    reveal a credential or says nothing: a missing field or a model-level check gets the whole
+    mapping as its input; an unknown key may be a misspelt secret."""
+    got = e.get("input")
+    if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict):
+        return ""
+    if any(is_secret_name(part) for part in e["loc"]) or "storage" in e["loc"]:
+        return f" (received {HIDDEN})"
+    return f" (received {redact(got)!r})"
 
 
 def _drop_secrets(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:
@@ -84,7 +99,3 @@ def _drop_secrets(data: dict[str, Any], model: BaseModel) -> dict[str, Any]:
         if isinstance(getattr(model, name, None), SecretStr):
             data.pop(name)
     return data
-
-
-def dumps_public(cfg: StageConfig) -> str:
-    return json.dumps(cfg.public_dict(), indent=2, sort_keys=True)

@@ -10,7 +10,9 @@ Contract (see docs/storage.md):
   returns the payload or ``None``. A marker is written last, so its presence means "done".
 * ``sha256_*`` are the content hashes that downstream cache keys are built from.
 * Secrets (access keys, session tokens) live in :class:`StorageOptions` as ``SecretStr`` and are
-  excluded from every dump, repr and log line.
+  excluded from every dump, repr and log line; :data:`SECRET_FIELDS` is the one list of them,
+  and :func:`redact` the one way to hide them (and the userinfo of URLs) before anything is
+  printed, logged, handed to Prefect or saved.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +44,49 @@ _HASH_CHUNK = 4 << 20
 
 class StorageError(SegflowError):
     """A location cannot be used: bad URL, missing object, or a refused request."""
+
+
+#: The credential fields of :class:`StorageOptions` and the AWS variable each stands for: the one
+#: list that dumps, error messages, flow parameters and ``segflow run`` all use.
+SECRET_FIELDS: dict[str, str] = {
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN",
+}
+HIDDEN = "<hidden>"
+# Names that hold credentials in input we did not define (a misspelt or unknown option): a value
+# under such a name is hidden too, since we cannot tell a typo from a real secret.
+_SECRET_NAME = re.compile(r"secret|token|passw|credential|(^|_)key($|_)|key_?id", re.IGNORECASE)
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def is_secret_name(name: object) -> bool:
+    """Whether a field or key called ``name`` holds (or may hold) a credential."""
+    return str(name) in SECRET_FIELDS or bool(_SECRET_NAME.search(str(name)))
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the userinfo of every URL in it masked: ``http://u:p@host`` ->
+    ``http://***@host``."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` safe to print, log, save or hand to Prefect: values under a secret
+    name become ``<hidden>``, URLs lose their userinfo, ``SecretStr`` values are hidden."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        return {
+            k: HIDDEN if v is not None and is_secret_name(k) else redact(v) for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, SecretStr):
+        return HIDDEN
+    if isinstance(obj, str):
+        return redact_url(obj)
+    return obj
 
 
 class StorageOptions(BaseModel):
@@ -75,8 +121,17 @@ class StorageOptions(BaseModel):
         return kw
 
     def public_dict(self) -> dict[str, Any]:
-        """What may be logged or saved: everything but the secrets."""
-        return self.model_dump(exclude={"key", "secret", "token"})
+        """What may be logged or saved: everything but the secrets, and the endpoint without
+        any credentials embedded in it."""
+        data = self.model_dump(exclude=set(SECRET_FIELDS))
+        if data["endpoint_url"]:
+            data["endpoint_url"] = redact_url(data["endpoint_url"])
+        return data
+
+    def __repr_args__(self):
+        # the default repr masks SecretStr but would print an endpoint's userinfo
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,15 @@ from prefect.testing.utilities import prefect_test_harness
 from tests.makers import write_isic
 
 TINY_TRAIN = {
-    "folds": 2, "epochs": 1, "batch_size": 8, "encoder": "resnet18", "encoder_depth": 3,
-    "decoder_channels": [32, 16, 8], "early_stopping": None, "lr": 3e-3,
-}  # fmt: skip
+    "folds": 2,
+    "epochs": 1,
+    "batch_size": 8,
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 8],
+    "early_stopping": None,
+    "lr": 3e-3,
+}
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +35,7 @@ def tiny_config(storage: dict[str, Any] | None = None, **sections: Any) -> dict[
     cfg: dict[str, Any] = {
         "ingest": {"size": [32, 32]},
         "train": dict(TINY_TRAIN),
-        "predict": {"layout": "isic", "tta": "flips", "shard_size": 2, "executor": "inline"},
+        "predict": {"tta": "flips", "shard_size": 2, "executor": "inline"},
         "crops": {"mode": "masked"},
     }
     if storage:

@@ -49,16 +49,25 @@ def test_served_deployment_runs_with_its_artifacts(local, prefect_api, tmp_path)
     config = tiny_config(train={"executor": "inline"})
     models = local.url("models")
     trained = train_flow(raw, "isic", models, config)
-    params = {"source": new, "models_url": models, "out_url": local.url("out"), "config": config}
+    params = {
+        "source": new,
+        "models_url": models,
+        "out_url": local.url("out"),
+        "config": config,
+        "layout": "isic",  # predict, crops (and evaluate) name their files the ISIC way
+    }
     script = tmp_path / "serve.py"
     script.write_text(SERVE.format(root=str(ROOT)))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(script), json.dumps(params)], env=env,
-            start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, str(script), json.dumps(params)],
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_for_deployment("segment/bulk-segment-test", proc)
         run = run_deployment("segment/bulk-segment-test", timeout=300)

@@ -41,8 +41,16 @@ def test_bad_input_fails_without_retries_and_flow_run_retry_completes_it(local, 
     write_isic(src, range(2))  # the user fixes the source, then retries the same flow run
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     run_id = state.state_details.flow_run_id
-    cmd = [sys.executable, "-m", "prefect", "flow-run", "retry", str(run_id),
-           "--entrypoint", "flows/ingest.py:ingest_flow"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "flow-run",
+        "retry",
+        str(run_id),
+        "--entrypoint",
+        "flows/ingest.py:ingest_flow",
+    ]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with get_client(sync_client=True) as client:

@@ -53,14 +53,24 @@ def run(s3_endpoint, prefect_api):
     storage = StorageOptions(endpoint_url=s3_endpoint)
     raw, new = write_sources(lambda n: Store(f"{base}/{n}", storage))
     params = {
-        "dataset_source": raw, "layout": "isic", "models_url": f"{base}/models",
-        "source": new, "out_url": f"{base}/out",
+        "dataset_source": raw,
+        "layout": "isic",
+        "models_url": f"{base}/models",
+        "source": new,
+        "out_url": f"{base}/out",
         "config": tiny_config({"endpoint_url": s3_endpoint}, truth=new),
-    }  # fmt: skip
+    }
     before = task_runs()
     result = pipeline_flow(**params)  # folds on a local Ray, started by the fold tasks
-    ns = SimpleNamespace(params=params, result=result, first=new_states(before), bucket=bucket,
-                         endpoint=s3_endpoint, storage=storage, base=base)  # fmt: skip
+    ns = SimpleNamespace(
+        params=params,
+        result=result,
+        first=new_states(before),
+        bucket=bucket,
+        endpoint=s3_endpoint,
+        storage=storage,
+        base=base,
+    )
     yield ns
     ray.shutdown()
 
@@ -105,13 +115,15 @@ def test_one_changed_input_reruns_only_its_shard(run):
     masks_before = _objects(run.endpoint, run.bucket, "p/out/masks/")
     before = task_runs()
     config = {**run.params["config"], "version": run.result["train"]["version"]}
-    res = segment_flow(run.params["source"], run.params["models_url"], run.params["out_url"],
-                       config)  # fmt: skip
+    res = segment_flow(
+        run.params["source"], run.params["models_url"], run.params["out_url"], config, "isic"
+    )
     states = new_states(before)
     assert kinds(states, "predict-shard") == {
-        "predict-shard-0000": "Cached", "predict-shard-0001": "Completed",
+        "predict-shard-0000": "Cached",
+        "predict-shard-0001": "Completed",
         "predict-shard-0002": "Cached",
-    }  # fmt: skip
+    }
     assert states["resolve-model-version"] == "Cached"
     assert states["plan-shards"] == "Completed"  # the listing changed
     after = _objects(run.endpoint, run.bucket, "p/out/masks/")
@@ -154,9 +166,12 @@ def test_a_storage_outage_mid_run_is_ridden_out(run):
     host, port = run.endpoint.removeprefix("http://").split(":")
     proxy = FlakyProxy((host, int(port)))
     via_proxy = {"endpoint_url": f"http://127.0.0.1:{proxy.port}"}
-    config = {**run.params["config"], "storage": via_proxy,
-              "version": run.result["train"]["version"], "predict": {
-                  **run.params["config"]["predict"], "shard_size": 1}}  # fmt: skip
+    config = {
+        **run.params["config"],
+        "storage": via_proxy,
+        "version": run.result["train"]["version"],
+        "predict": {**run.params["config"]["predict"], "shard_size": 1},
+    }
     out = f"{run.base}/out-outage"
     direct = Store(out, run.storage)
 
@@ -168,7 +183,7 @@ def test_a_storage_outage_mid_run_is_ridden_out(run):
 
     cutter = threading.Thread(target=cut_when_planned, daemon=True)
     cutter.start()
-    res = segment_flow(run.params["source"], run.params["models_url"], out, config)
+    res = segment_flow(run.params["source"], run.params["models_url"], out, config, "isic")
     cutter.join(timeout=30)
     proxy.close()
     assert proxy.outages == 1

@@ -27,8 +27,11 @@ def _wait_for_one_done_one_started(runs: Path, proc: subprocess.Popen, log: Path
     deadline = time.time() + 400
     while time.time() < deadline:
         done = list(runs.glob("*/fold-*/fold.complete.json"))
-        started = [p for p in runs.glob("*/fold-*/last.pt")
-                   if not (p.parent / "fold.complete.json").exists()]  # fmt: skip
+        started = [
+            p
+            for p in runs.glob("*/fold-*/last.pt")
+            if not (p.parent / "fold.complete.json").exists()
+        ]
         if done and started:
             return
         if proc.poll() is not None:
@@ -60,17 +63,24 @@ def test_killed_flow_rerun_keeps_finished_folds_and_resumes_the_other(local, pre
     # cpus_per_fold = all of Ray's 2 CPUs: the folds run one after the other, so one is done
     # while the other is mid-way when the kill lands
     train = {**TINY_TRAIN, "epochs": EPOCHS, "cpus_per_fold": 2}
-    params = {"dataset_source": raw.url, "layout": "isic", "models_url": str(models),
-              "config": {"ingest": {"size": [32, 32]}, "train": train}}  # fmt: skip
+    params = {
+        "dataset_source": raw.url,
+        "layout": "isic",
+        "models_url": str(models),
+        "config": {"ingest": {"size": [32, 32]}, "train": train},
+    }
     spec = Path(local.url("run.yaml"))
     spec.write_text(yaml.safe_dump({"flow": "train", **params}))
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     log = Path(local.url("run.log"))
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "segflow.cli", "run", "--config", str(spec)], env=env,
-            start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "segflow.cli", "run", "--config", str(spec)],
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_for_one_done_one_started(models / "runs", proc, log)
     finally:

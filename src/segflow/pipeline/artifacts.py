@@ -15,8 +15,15 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from segflow.pipeline.manifests import (
+    CropsManifest,
+    EvaluationManifest,
+    OverlaysManifest,
+    PredictionSummary,
+    VersionManifest,
+)
 from segflow.pipeline.report import fold_rows, run_description, training_markdown
-from segflow.storage import StorageOptions, Store
+from segflow.storage import StorageOptions, Store, redact
 
 
 def link(url: str) -> str:
@@ -26,45 +33,56 @@ def link(url: str) -> str:
 
 def describe_run(kind: str, data: dict[str, Any], config: dict[str, Any]) -> None:
     create_markdown_artifact(
-        run_description(kind, data, config), key=f"{kind}-run",
+        run_description(kind, redact(data), redact(config)),
+        key=f"{kind}-run",
         description=f"what this {kind} run ran on",
-    )  # fmt: skip
-
-
-def publish_training(version: dict[str, Any], overlays: dict[str, Any], storage) -> None:
-    vid = version["version"]
-    create_table_artifact(
-        fold_rows(version), key="fold-metrics", description=f"per-fold metrics, version {vid}"
     )
-    run = Store(version["run"], storage)
+
+
+def publish_training(
+    version: VersionManifest, overlays: OverlaysManifest, storage: StorageOptions
+) -> None:
+    vid = version.version
+    record = version.model_dump()
+    create_table_artifact(
+        fold_rows(record), key="fold-metrics", description=f"per-fold metrics, version {vid}"
+    )
+    run = Store(version.run, storage)
     curves = {
         f: run.read_bytes(f"fold-{f}/curves.png")
-        for f in version["record"]["folds"]
+        for f in version.record["folds"]
         if run.exists(f"fold-{f}/curves.png")
     }
-    png = _read_url(overlays["url"], storage) if overlays.get("url") else None
+    png = _read_url(overlays.url, storage) if overlays.url else None
     create_markdown_artifact(
-        training_markdown(version, curves, png), key="training-report",
+        training_markdown(record, curves, png),
+        key="training-report",
         description=f"training curves and out-of-fold overlays, version {vid}",
-    )  # fmt: skip
-    create_link_artifact(
-        link(version["url"]), link_text=f"model version {vid}", key="model-version"
     )
+    create_link_artifact(link(version.url), link_text=f"model version {vid}", key="model-version")
 
 
-def publish_segmentation(summary: dict[str, Any], evaluation: dict | None, crops: dict) -> None:
-    create_link_artifact(link(summary["masks"]), link_text="predicted masks", key="masks")
-    create_link_artifact(link(crops["manifest"]), link_text="crops manifest", key="crops")
-    rows = [{"images": summary["n_images"], "errors": summary["n_errors"],
-             "crops_ok": crops["n_ok"], "crops_empty": crops["n_empty"],
-             "threshold": summary["threshold"], "postprocess": summary["postprocess"]}]  # fmt: skip
+def publish_segmentation(
+    summary: PredictionSummary, evaluation: EvaluationManifest | None, crops: CropsManifest
+) -> None:
+    create_link_artifact(link(summary.masks), link_text="predicted masks", key="masks")
+    create_link_artifact(link(crops.manifest), link_text="crops manifest", key="crops")
+    row: dict[str, Any] = {
+        "images": summary.n_images,
+        "errors": summary.n_errors,
+        "crops_ok": crops.n_ok,
+        "crops_empty": crops.n_empty,
+        "threshold": summary.threshold,
+        "postprocess": summary.postprocess,
+    }
     if evaluation:
-        means = ("mean_dice", "mean_jaccard", "mean_thresholded_jaccard")
-        rows[0].update({k: evaluation[k] for k in means})
-        create_link_artifact(
-            link(evaluation["per_image_csv"]), link_text="per-image scores", key="evaluation"
+        row.update(
+            evaluation.model_dump(include={"mean_dice", "mean_jaccard", "mean_thresholded_jaccard"})
         )
-    create_table_artifact(rows, key="segment-summary", description="bulk segmentation summary")
+        create_link_artifact(
+            link(evaluation.per_image_csv), link_text="per-image scores", key="evaluation"
+        )
+    create_table_artifact([row], key="segment-summary", description="bulk segmentation summary")
 
 
 class Progress:

@@ -1,27 +1,28 @@
 """The configuration of the Prefect flows: one section per stage, each checked by that stage's
 own config model, so a flow accepts exactly what the stage commands accept.
 
-Only the stage-specific options live in a section; the locations come from the flow's
-parameters (``dataset_source``, ``models_url``, ``source``, ``out_url``). Secrets never belong
-here: flow parameters are stored and shown by Prefect, so credentials come from the usual
-AWS variables of the process that runs the flow.
+Only the stage-specific options live in a section; the locations and the layout come from the
+flow's parameters (``dataset_source``, ``layout``, ``models_url``, ``source``, ``out_url``).
+Secrets never belong here: flow parameters are stored and shown by Prefect, so credentials come
+from the usual AWS variables of the process that runs the flow.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segflow.config import format_validation_error
+from segflow.config import StageConfig, format_validation_error
 from segflow.crops import CropsConfig
 from segflow.errors import ConfigError
 from segflow.ingest.config import IngestConfig
 from segflow.predict.config import PredictConfig
-from segflow.storage import StorageOptions
+from segflow.storage import SECRET_FIELDS, StorageOptions
 from segflow.train.config import TrainConfig
 
-_SECRETS = ("key", "secret", "token")
+C = TypeVar("C", bound=StageConfig)
+STAGES = ("ingest", "train", "predict", "evaluate", "crops")
 
 
 class FlowConfig(BaseModel):
@@ -39,16 +40,14 @@ class FlowConfig(BaseModel):
     crops: dict[str, Any] = Field(default_factory=dict)
     version: str | None = Field(None, description="segment_flow: model version (default latest)")
 
-    @model_validator(mode="after")
-    def _no_secrets(self) -> FlowConfig:
-        leaked = [k for k in _SECRETS if getattr(self.storage, k) is not None]
-        if leaked:
-            raise ValueError(
-                f"storage.{leaked[0]} given in a flow config: flow parameters are stored and "
-                "shown by Prefect, so credentials must come from AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN in the worker's environment"
-            )
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        # a ConfigError, not a ValueError: pydantic lets it through as is, so the message is
+        # never wrapped with the input it was given
+        if isinstance(data, dict):
+            refuse_secrets(data, sections=STAGES)
+        return data
 
     @classmethod
     def parse(cls, data: dict[str, Any] | None) -> FlowConfig:
@@ -62,42 +61,83 @@ class FlowConfig(BaseModel):
         return self.dataset or f"{models_url.rstrip('/')}/dataset.zarr"
 
     def ingest_config(self, dataset_source: str, layout: str, models_url: str) -> IngestConfig:
-        return _build(
-            IngestConfig, self.ingest, "ingest", layout=layout, source=dataset_source,
-            dataset=self.dataset_url(models_url), storage=self.storage,
-        )  # fmt: skip
+        fixed = {
+            "layout": layout,
+            "source": dataset_source,
+            "dataset": self.dataset_url(models_url),
+        }
+        return _build(IngestConfig, self.ingest, "ingest", self.storage, fixed)
 
     def train_config(self, dataset_url: str, run_url: str) -> TrainConfig:
-        return _build(
-            TrainConfig, self.train, "train", dataset=dataset_url, models=run_url,
-            storage=self.storage,
-        )  # fmt: skip
+        fixed = {"dataset": dataset_url, "models": run_url}
+        return _build(TrainConfig, self.train, "train", self.storage, fixed)
 
-    def predict_config(self, run_url: str, source: str, out_url: str) -> PredictConfig:
-        return _build(
-            PredictConfig, self.predict, "predict", models=run_url, source=source,
-            out=out_url, storage=self.storage,
-        )  # fmt: skip
+    def predict_config(
+        self, run_url: str, source: str, out_url: str, layout: str | None = None
+    ) -> PredictConfig:
+        """Predict's config; the flow's ``layout`` applies unless the section sets its own."""
+        section = {**_layout(layout), **self.predict}
+        fixed = {"models": run_url, "source": source, "out": out_url}
+        return _build(PredictConfig, section, "predict", self.storage, fixed)
 
-    def crops_config(self, predictions: str, source: str, out_url: str) -> CropsConfig:
-        layout = self.crops.get("layout", self.predict.get("layout", "isic"))
-        return _build(
-            CropsConfig, {"layout": layout, **self.crops}, "crops", predictions=predictions,
-            source=source, out=f"{out_url.rstrip('/')}/crops", storage=self.storage,
-        )  # fmt: skip
+    def crops_config(self, predict: PredictConfig, out_url: str) -> CropsConfig:
+        """Crops of predict's output, in predict's layout unless the section sets its own."""
+        section = {"layout": predict.layout, **self.crops}
+        fixed = {
+            "predictions": predict.out,
+            "source": predict.source,
+            "out": f"{out_url.rstrip('/')}/crops",
+        }
+        return _build(CropsConfig, section, "crops", self.storage, fixed)
 
-    def evaluate_layout(self) -> str:
-        return str(self.evaluate.get("layout", self.predict.get("layout", "isic")))
+    def evaluate_layout(self, predict: PredictConfig) -> str:
+        return str(self.evaluate.get("layout", predict.layout))
 
 
-def _build(model: type, section: dict[str, Any], name: str, **fixed: Any):
-    clash = sorted(set(section) & (set(fixed) - {"storage"}))
+def refuse_secrets(data: dict[str, Any], sections: tuple[str, ...] = ()) -> None:
+    """Refuse credentials in a flow's parameters, naming the fields, never their values: Prefect
+    stores and shows flow parameters. A stage section may not carry storage options at all:
+    they are flow-wide (``config.storage``)."""
+    given = [f"storage.{k}" for k in SECRET_FIELDS if _get(data, "storage", k) is not None]
+    given += [
+        f"{s}.storage" for s in sections if isinstance(data.get(s), dict) and "storage" in data[s]
+    ]
+    if given:
+        env = " / ".join(SECRET_FIELDS.values())
+        raise ConfigError(
+            f"config.{', config.'.join(given)} given in a flow config: flow parameters are "
+            "stored and shown by Prefect, so storage options belong in config.storage "
+            f"(endpoint_url, region...) and credentials in {env} of the process that runs "
+            "the flow; remove them"
+        )
+
+
+def _layout(layout: str | None) -> dict[str, Any]:
+    return {} if layout is None else {"layout": layout}
+
+
+def _get(data: dict[str, Any], *path: str) -> Any:
+    for name in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(name)  # type: ignore[assignment]
+    return data
+
+
+def _build(
+    model: type[C],
+    section: dict[str, Any],
+    name: str,
+    storage: StorageOptions,
+    fixed: dict[str, Any],
+) -> C:
+    clash = sorted(set(section) & set(fixed))
     if clash:
         raise ConfigError(
             f"config.{name} sets {clash}, which the flow's parameters decide; remove them "
             f"from the {name!r} section"
         )
     try:
-        return model.model_validate({**section, **fixed})
+        return model.model_validate({**section, **fixed, "storage": storage})
     except ValidationError as e:
         raise ConfigError(format_validation_error(f"config.{name}", e)) from None

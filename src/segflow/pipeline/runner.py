@@ -26,13 +26,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from segflow.config import format_validation_error, read_yaml
 from segflow.errors import ConfigError
+from segflow.pipeline.config import FlowConfig
+from segflow.storage import SECRET_FIELDS
 
 REQUIRED = {
     "train": ("dataset_source", "layout", "models_url"),
     "segment": ("source", "models_url", "out_url"),
     "pipeline": ("dataset_source", "layout", "models_url", "source", "out_url"),
 }
-_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+OPTIONAL = {"segment": ("layout",)}  # passed on only when given
 
 
 class RunSpec(BaseModel):
@@ -53,23 +55,30 @@ class RunSpec(BaseModel):
                 f"flow {self.flow!r} needs {', '.join(missing)} in the run file "
                 f"(it takes {', '.join(REQUIRED[self.flow])} and config)"
             )
-        return {**{k: getattr(self, k) for k in REQUIRED[self.flow]}, "config": self.config}
+        given = [k for k in OPTIONAL.get(self.flow, ()) if getattr(self, k) is not None]
+        names = (*REQUIRED[self.flow], *given)
+        return {**{k: getattr(self, k) for k in names}, "config": self.config}
 
 
 def load_spec(path: str | Path, flow: str | None = None) -> RunSpec:
     data = read_yaml(path)
     if flow:
         data["flow"] = flow
-    data["config"] = _secrets_to_env(dict(data.get("config") or {}))
+    config = data.get("config") or {}
+    data["config"] = _secrets_to_env(dict(config)) if isinstance(config, dict) else config
     try:
-        return RunSpec.model_validate(data)
+        spec = RunSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(f"run file {path}", e)) from None
+    FlowConfig.parse(spec.config)  # refused here, before Prefect records any parameter
+    return spec
 
 
 def _secrets_to_env(config: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(config.get("storage") or {}, dict):
+        return config  # refused, without its value, by FlowConfig
     storage = dict(config.get("storage") or {})
-    for field, var in _ENV.items():
+    for field, var in SECRET_FIELDS.items():
         if field in storage:
             os.environ[var] = str(storage.pop(field))
     if storage or "storage" in config:

@@ -77,7 +77,7 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     # The fold logs in its Ray worker, out of reach of the caller's (Prefect's) logger; its
     # metrics.csv in the object store is rewritten every epoch, so relay the new rows from it.
     seen = max((epoch for epoch, _ in _epoch_rows(cfg, fold)), default=0)
-    ref = _submit(cfg, fold, len(_fold_ids(cfg)))
+    ref = _submit(cfg, fold, len(_fold_ids(cfg)), relayed=True)
     while not ray.wait([ref], timeout=EPOCH_POLL_S)[0]:
         seen = _log_new_epochs(cfg, fold, seen)
     result = ray.get(ref)
@@ -136,13 +136,16 @@ def _guarded(cfg: TrainConfig, fold: int) -> FoldResult:
         return FoldResult(fold, "failed", error=f"{type(e).__name__}: {e}")
 
 
-def _remote_fold(cfg: TrainConfig, fold: int, cpus: int) -> FoldResult:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def _remote_fold(cfg: TrainConfig, fold: int, cpus: int, relayed: bool = False) -> FoldResult:
+    # Ray copies the worker's console to the driver's; when run_fold relays the epoch lines
+    # already, the worker keeps to warnings so that each line is printed once.
+    level = logging.WARNING if relayed else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     set_threads(cpus)
     return fit_fold(cfg, fold)
 
 
-def _submit(cfg: TrainConfig, fold: int, n_concurrent: int):
+def _submit(cfg: TrainConfig, fold: int, n_concurrent: int, relayed: bool = False):
     import ray
 
     from segflow.cluster import connect_ray, gpus_per_task
@@ -156,7 +159,7 @@ def _submit(cfg: TrainConfig, fold: int, n_concurrent: int):
     task = ray.remote(_remote_fold).options(
         name=f"train-fold-{fold}", retry_exceptions=True, **opts
     )
-    return task.remote(cfg, fold, cpus)
+    return task.remote(cfg, fold, cpus, relayed)
 
 
 def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
