@@ -8,8 +8,8 @@ from typing import Any
 from prefect import flow
 
 from segflow.ingest import IngestConfig
-from tasks.common import start_flow
-from tasks.train import ingest_dataset
+from segflow.tasks.common import start_flow
+from segflow.tasks.train import ingest_dataset
 
 
 @flow(name="ingest", log_prints=True)

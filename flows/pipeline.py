@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.segment import segment_flow
-from flows.train import train_flow
+from segflow.flows.segment import segment_flow
+from segflow.flows.train import train_flow
 
 
 @flow(name="pipeline", log_prints=True)

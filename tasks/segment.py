@@ -7,8 +7,8 @@ from segflow.pipeline import stages
 from segflow.pipeline.stages import Manifest
 from segflow.predict.config import PredictConfig
 from segflow.storage import StorageOptions
+from segflow.tasks.common import stage_task
 from segflow.versions import ModelVersion
-from tasks.common import stage_task
 
 
 @stage_task(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from segflow.ingest import IngestConfig
 from segflow.pipeline import stages
 from segflow.pipeline.stages import Manifest
+from segflow.tasks.common import stage_task
 from segflow.train import TrainConfig
-from tasks.common import stage_task
 
 
 @stage_task("ingest-dataset", lambda p: stages.ingest_key(p["cfg"]))

@@ -325,9 +325,15 @@ def test_dockerfile_installs_the_lock_and_the_package() -> None:
     assert re.search(r"pip install[^\n]*--extra-index-url \"?\$\{TORCH_INDEX_URL\}", deps)
     assert re.search(r"pip install[^\n]*-r \S*requirements\.lock", deps)
     runtime = rf.dockerfile_stage_text("runtime")
-    assert re.search(r"pip install[^\n]*--no-deps[^\n]*-e \.", runtime)
+    # a regular install (as from the wheel), after flows/ and tasks/ are there to be packaged
+    (install,) = re.finditer(r"pip install[^\n]*--no-deps[^\n]* (-e )?\.\s", runtime)
+    assert not install.group(1), "the image installs the package, not an editable checkout"
     for rel in ("src", "flows", "tasks", "deployments", "pyproject.toml"):
-        assert re.search(rf"^COPY\s+{re.escape(rel)}\s", runtime, re.M), f"runtime lacks {rel}"
+        copy = re.search(rf"^COPY\s+{re.escape(rel)}\s", runtime, re.M)
+        assert copy, f"runtime lacks {rel}"
+        if rel != "deployments":
+            assert copy.start() < install.start(), f"{rel} is copied after the install"
+    assert "PYTHONPATH" not in rf.dockerfile_env("runtime"), "the package needs no PYTHONPATH"
     assert rf.dockerfile_env("gpu")["SEGFLOW_HOME"] == rf.dockerfile_env("runtime")["SEGFLOW_HOME"]
 
 
