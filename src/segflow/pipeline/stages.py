@@ -92,6 +92,7 @@ def train_fold(cfg: TrainConfig, plan: Manifest, fold: int) -> Manifest:
         "start_epoch": result.start_epoch, "epochs_run": result.epochs_run, **metrics,
         "checkpoint": result.checkpoint, "curves": run.uri(f"fold-{fold}/curves.png"),
         "hash": sha256_object(run, f"fold-{fold}/best.pt"),
+        "placement": result.extra.get("placement"),  # Ray node + GPU slot (None: inline)
     }  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def render_overlays(cfg: TrainConfig, plan: Manifest, version: Manifest) -> Mani
 
 def _fold_scores(f: Manifest) -> dict[str, Any]:
     keys = ("fold", "best_epoch", "dice", "jaccard", "thresholded_jaccard")
-    return {k: f[k] for k in keys}
+    return {**{k: f[k] for k in keys}, "placement": f.get("placement")}
 
 
 def _now() -> str:
