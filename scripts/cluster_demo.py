@@ -52,7 +52,7 @@ T0 = time.monotonic()
 BUCKET = "segflow"  # the production bucket name: the deployments' URLs are used unchanged
 #: training small enough for 2 shared cores; every other option is the production one
 TINY_TRAIN = {
-    "folds": 2, "epochs": 6, "encoder": "resnet18", "encoder_depth": 3,
+    "folds": 2, "epochs": 5, "encoder": "resnet18", "encoder_depth": 3,
     "decoder_channels": [32, 16, 8], "batch_size": 4, "lr": 0.003, "early_stopping": None,
     "max_retries": 2,
 }  # fmt: skip
@@ -306,6 +306,14 @@ def wait_run(run_id: str, timeout: float, watch: Callable[[], None] | None = Non
     raise DemoError(f"flow run {run_id} not finished after {timeout:.0f}s")
 
 
+def crash(run_id: str, why: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Crashed(message=why), force=True)
+
+
 def task_states(run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -547,15 +555,24 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
     retry = history[killed["fold"]][-1]
     resumed_epoch = retry["start_epoch"] + 1
     say(f"fold {killed['fold']} resumed at epoch {resumed_epoch} on node {retry['node'][:12]}")
-    if retry["start_epoch"] < 2:
-        raise DemoError(f"the fold restarted from epoch {resumed_epoch}, not its last saved one")
+    # killed with 2+ epochs in metrics.csv, so last.pt held epoch 1 at least (it is written
+    # right after each epoch's row: a kill between the two resumes one epoch earlier)
+    if retry["start_epoch"] < 1 or len(history[killed["fold"]]) < 2:
+        raise DemoError(f"fold {killed['fold']} restarted from epoch 1: {history}")
+    ep = epochs_done(
+        fs, f"{BUCKET}/models/isic/runs/{killed['run']}/fold-{killed['fold']}/metrics.csv"
+    )
+    if ep != list(range(1, TINY_TRAIN["epochs"] + 1)):
+        raise DemoError(f"fold {killed['fold']}'s metrics.csv has epochs {ep}")
     fold_nodes = {str(f): h[0]["node"] for f, h in history.items()}
     if len(set(fold_nodes.values())) != len(fold_nodes) or head in fold_nodes.values():
         raise DemoError(f"folds did not start on different GPU nodes: {fold_nodes}, head {head}")
-    rows = json.loads(arts["fold-metrics"])
-    checks["fold_metrics_nodes"] = {
-        str(r["fold"]): r.get("ray_node") for r in rows if r["fold"] != "all"
-    }
+    # the fold-metrics artifact names the node and GPU slot of the attempt that finished each fold
+    rows = {str(r["fold"]): r for r in json.loads(arts["fold-metrics"]) if r["fold"] != "all"}
+    finished = {str(f): (h[-1]["node"], ",".join(h[-1]["gpus"])) for f, h in history.items()}
+    shown = {f: (r.get("ray_node"), r.get("gpu_slot")) for f, r in rows.items()}
+    if shown != finished:
+        raise DemoError(f"fold-metrics shows placements {shown}, the folds ran on {finished}")
     dask_after_ingest = dask_keys()
 
     # -- 2. bulk-segment on the held-back set ------------------------------------------------
@@ -606,6 +623,10 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
         time.sleep(1)
     if not state:
         raise DemoError("no moment with a finished and a running fold to kill the worker in")
+    # Prefect cannot see a killed process: its run stays Running and keeps retrain's concurrency
+    # slot (concurrency_limit: 1) until the lease runs out (300 s). Mark it Crashed, as an operator
+    # (or a zombie-run automation on flow-run heartbeats) would.
+    crash(run_c, "its flow-run process and worker were killed (cluster-demo fault)")
     # the killed driver's Ray tasks end when Ray drops its client session; wait for them, or
     # the rerun's fold would share its folder with a ghost
     wait_for("the killed run's Ray fold tasks to end", lambda: not fold_processes(cluster), 120)
