@@ -36,13 +36,13 @@ export PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
   echo ">> dry run on the CPU, tiny sizes (figures are not comparable to the targets)"
-  TRAIN=(--n 16 --size 64 64 --encoder resnet18 --batch-size 4 --steps 4 --repeats 1)
+  TRAIN=(--n 16 --size 64 --encoder resnet18 --batch-size 4 --steps 4 --repeats 1)
   PRED=(--folds 2 --tta d4 --size 64 64 --train-n 8 --repeats 1)
   SERVE=(--folds 2 --tta flips --size 64 64 --train-n 8 --generated 4 --gen-size 128 128)
   SERVE_N=(--requests 2)
 else
   echo ">> $GPUS CUDA device(s): $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')"
-  TRAIN=(--size 256 256 --encoder resnet34 --amp bf16 --steps 200 --repeats 2)
+  TRAIN=(--size 256 --encoder resnet34 --amp bf16 --steps 200 --repeats 2)
   PRED=(--folds 5 --tta d4 --size 256 256 --replicate 8 --repeats 2 --batch-size 32)
   SERVE=(--folds 5 --tta d4 --size 256 256)
   SERVE_N=(--requests 16)

@@ -356,6 +356,12 @@ def epochs_done(fs, path: str) -> list[int]:
     return [int(r["epoch"]) for r in csv.DictReader(io.StringIO(fs.cat(path).decode()))]
 
 
+def state_saved(fs, metrics: str) -> bool:
+    """The fold's last.pt is newer than its metrics.csv: the latest epoch row has its state."""
+    last = metrics.rsplit("/", 1)[0] + "/last.pt"
+    return fs.exists(last) and fs.info(last)["LastModified"] >= fs.info(metrics)["LastModified"]
+
+
 def attempts(fs, run: str, fold: int) -> list[dict[str, Any]]:
     path = f"{BUCKET}/models/isic/runs/{run}/fold-{fold}/placement.json"
     return json.loads(fs.cat(path))["attempts"] if fs.exists(path) else []
@@ -525,7 +531,12 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
             return
         for (run, fold), path in fold_files(fs, "metrics.csv").items():
             att = attempts(fs, run, fold)
-            if len(epochs_done(fs, path)) >= 2 and att and att[-1]["status"] == "running":
+            if (
+                len(epochs_done(fs, path)) >= 2
+                and att
+                and att[-1]["status"] == "running"
+                and state_saved(fs, path)
+            ):
                 (name,) = [n for n, nid in gpu_nodes.items() if nid == att[-1]["node"]]
                 raylet = cluster.raylet(name)
                 # A lost node takes its processes with it: the raylet's workers (the fold) do not
@@ -595,10 +606,11 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
             return
         done = fold_files(fs, "fold.complete.json")
         for (run, fold), path in fold_files(fs, "metrics.csv").items():
+            # the last fold (3 folds on 2 GPUs) past its first epoch, the other two done
             if (
                 (run, fold) not in done
-                and len(epochs_done(fs, path)) >= 1
-                and any(r == run for r, _ in done)
+                and 1 <= len(epochs_done(fs, path)) < params_c["config"]["train"]["epochs"]
+                and sum(r == run for r, _ in done) >= 2
             ):
                 # the worker and its flow-run subprocess (Prefect may start that in a session
                 # of its own, so it is found as the worker's child)
@@ -627,9 +639,17 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
     # slot (concurrency_limit: 1) until the lease runs out (300 s). Mark it Crashed, as an operator
     # (or a zombie-run automation on flow-run heartbeats) would.
     crash(run_c, "its flow-run process and worker were killed (cluster-demo fault)")
+    # the folds whose task run completed before the kill: their results are in the cache
+    state["finished"] = sorted(
+        int(n.rsplit("-", 1)[1])
+        for n, st in task_states(run_c).items()
+        if n.startswith("train-fold-") and st == "Completed"
+    )
     # the killed driver's Ray tasks end when Ray drops its client session; wait for them, or
     # the rerun's fold would share its folder with a ghost
+    orphans = fold_processes(cluster)
     wait_for("the killed run's Ray fold tasks to end", lambda: not fold_processes(cluster), 120)
+    say(f"the killed run's {len(orphans)} fold process(es) on Ray have ended")
     cluster.start_worker(work)
     run_c2 = trigger(procs, "train/retrain", params_c, work)
     runs["retrain-after-kill"] = wait_run(run_c2, 420)
