@@ -92,7 +92,7 @@ if s0 and s1:
     eff = both / (2 * ips["zarr"])
     row("two-fold scaling efficiency", f"{eff:.3f}", "reported", None)
 else:
-    row("two-fold scaling efficiency", "n/a (1 GPU)", "needs 2+ GPUs", None)
+    row("two-fold scaling efficiency", "n/a (< 2 GPUs)", "needs 2+ GPUs", None)
 for name, label in (("http_1", "1 client"), ("http_n", "8 clients")):
     r = serve["loads"][name]
     row(f"serve p50 / p99 ms, {label}", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}", "reported", None)
