@@ -10,13 +10,14 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 DEMO_DIR    ?= demo-out
 
-.PHONY: env demo test lint format bench clean
+.PHONY: env demo test lint format bench clean cluster-demo
 
 env: $(VENV_DIR)/.complete
 	@ln -sfn "$(VENV_DIR)" $(VENV)
 	@# The cached env is shared between clones, so the editable install must point at *this*
-	@# checkout: reinstall (a few seconds) whenever segflow resolves somewhere else.
-	@$(BIN)/python -c "import segflow, pathlib, sys; sys.exit(pathlib.Path(segflow.__file__).resolve().parent != pathlib.Path('src/segflow').resolve())" 2>/dev/null \
+	@# checkout: reinstall (a few seconds) whenever segflow, or its flows/ (segflow.flows, a
+	@# package-dir mapping an older install lacks), resolves somewhere else.
+	@$(BIN)/python -c "import segflow.flows, pathlib, sys; sys.exit(pathlib.Path(segflow.__file__).resolve().parent != pathlib.Path('src/segflow').resolve() or pathlib.Path(segflow.flows.__file__).resolve().parent != pathlib.Path('flows').resolve())" 2>/dev/null \
 		|| $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 
 # Built in place; .complete is written last, so an interrupted build is redone from scratch.
@@ -33,6 +34,12 @@ $(VENV_DIR)/.complete:
 
 demo: env
 	bash scripts/demo.sh "$(DEMO_DIR)"
+
+# The production path on one machine, each part its own process: S3 (moto), Prefect server +
+# worker + deployments, a Ray head and two GPU-declaring Ray nodes, Dask scheduler + 2 workers,
+# with a node kill and a worker kill (docs/cluster.md). Last line: a JSON summary.
+cluster-demo: env
+	bash scripts/cluster_demo.sh
 
 test: env
 	$(BIN)/ruff check .

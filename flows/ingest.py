@@ -7,8 +7,8 @@ from typing import Any
 
 from segflow.ingest import IngestConfig
 from segflow.pipeline.config import refuse_secrets
-from tasks.common import segflow_flow, start_flow
-from tasks.train import ingest_dataset
+from segflow.tasks.common import segflow_flow, start_flow
+from segflow.tasks.train import ingest_dataset
 
 
 @segflow_flow(name="ingest", log_prints=True)

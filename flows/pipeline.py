@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.segment import segment_flow
-from flows.train import train_flow
-from tasks.common import segflow_flow
+from segflow.flows.segment import segment_flow
+from segflow.flows.train import train_flow
+from segflow.tasks.common import segflow_flow
 
 
 @segflow_flow(name="pipeline", log_prints=True)

@@ -10,8 +10,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from segflow.pipeline.artifacts import Progress, describe_run, publish_segmentation
 from segflow.pipeline.config import FlowConfig
-from tasks.common import segflow_flow, start_flow
-from tasks.segment import (
+from segflow.tasks.common import segflow_flow, start_flow
+from segflow.tasks.segment import (
     crop_masks,
     evaluate_predictions,
     plan_shards,

@@ -11,8 +11,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from segflow.pipeline.artifacts import describe_run, publish_training
 from segflow.pipeline.config import FlowConfig
 from segflow.pipeline.stages import training_run
-from tasks.common import segflow_flow, start_flow
-from tasks.train import (
+from segflow.tasks.common import segflow_flow, start_flow
+from segflow.tasks.train import (
     choose_postprocessing,
     evaluate_oof,
     ingest_dataset,

@@ -14,7 +14,7 @@ from segflow.pipeline.manifests import (
 )
 from segflow.predict.config import PredictConfig
 from segflow.storage import StorageOptions
-from tasks.common import stage_task
+from segflow.tasks.common import stage_task
 
 
 @stage_task("resolve-model-version", stages.resolve_key)

@@ -13,8 +13,8 @@ from segflow.pipeline.manifests import (
     TrainingPlan,
     VersionManifest,
 )
+from segflow.tasks.common import stage_task
 from segflow.train import TrainConfig
-from tasks.common import stage_task
 
 
 @stage_task("ingest-dataset", stages.ingest_key)

@@ -56,10 +56,12 @@ def deployment(name: str) -> dict[str, Any]:
 
 
 def load_flow(entrypoint: str) -> Flow:
-    path, _, func = entrypoint.partition(":")
-    assert (rf.ROOT / path).is_file(), f"entrypoint file {path} does not exist"
-    module = importlib.import_module(Path(path).with_suffix("").as_posix().replace("/", "."))
-    obj = getattr(module, func)
+    """A module-path entrypoint (``segflow.flows.x.fn``, no file path: a flow run imports it
+    from the installed package, so it works from a wheel without a checkout)."""
+    assert ":" not in entrypoint and not entrypoint.endswith(".py"), f"{entrypoint}: a file path"
+    module_name, _, func = entrypoint.rpartition(".")
+    assert module_name.startswith("segflow.flows."), f"{entrypoint} is outside segflow.flows"
+    obj = getattr(importlib.import_module(module_name), func)
     assert isinstance(obj, Flow), f"{entrypoint} is not a Prefect flow"
     return obj
 
@@ -116,7 +118,7 @@ def test_parameters_fit_the_flow_signature(flows: dict[str, Flow]) -> None:
 def test_config_keys_are_the_flow_contract() -> None:
     for d in deployments():
         config = (d.get("parameters") or {}).get("config")
-        if d["entrypoint"].startswith("flows/ingest.py"):
+        if d["entrypoint"].startswith("segflow.flows.ingest."):
             continue  # ingest_flow's config is an IngestConfig, not the flow contract
         assert config, f"{d['name']} has no config"
         unknown = set(config) - CONFIG_KEYS
@@ -132,7 +134,7 @@ def test_config_sections_are_valid_stage_configs() -> None:
 
     checked = set()
     for d in deployments():
-        if d["entrypoint"].startswith("flows/ingest.py"):
+        if d["entrypoint"].startswith("segflow.flows.ingest."):
             IngestConfig.model_validate(d["parameters"]["config"])
             continue
         params = d["parameters"]

@@ -325,9 +325,15 @@ def test_dockerfile_installs_the_lock_and_the_package() -> None:
     assert re.search(r"pip install[^\n]*--extra-index-url \"?\$\{TORCH_INDEX_URL\}", deps)
     assert re.search(r"pip install[^\n]*-r \S*requirements\.lock", deps)
     runtime = rf.dockerfile_stage_text("runtime")
-    assert re.search(r"pip install[^\n]*--no-deps[^\n]*-e \.", runtime)
+    # a regular install (as from the wheel), after flows/ and tasks/ are there to be packaged
+    (install,) = re.finditer(r"pip install[^\n]*--no-deps[^\n]* (-e )?\.\s", runtime)
+    assert not install.group(1), "the image installs the package, not an editable checkout"
     for rel in ("src", "flows", "tasks", "deployments", "pyproject.toml"):
-        assert re.search(rf"^COPY\s+{re.escape(rel)}\s", runtime, re.M), f"runtime lacks {rel}"
+        copy = re.search(rf"^COPY\s+{re.escape(rel)}\s", runtime, re.M)
+        assert copy, f"runtime lacks {rel}"
+        if rel != "deployments":
+            assert copy.start() < install.start(), f"{rel} is copied after the install"
+    assert "PYTHONPATH" not in rf.dockerfile_env("runtime"), "the package needs no PYTHONPATH"
     assert rf.dockerfile_env("gpu")["SEGFLOW_HOME"] == rf.dockerfile_env("runtime")["SEGFLOW_HOME"]
 
 
@@ -521,3 +527,29 @@ def test_base_job_template_is_a_kubernetes_job_template() -> None:
     used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", str(t["job_configuration"])))
     assert used <= set(t["variables"]["properties"]), "template uses undeclared variables"
     yaml.safe_dump(t)  # plain data, no objects
+
+
+# -- the cluster on one machine (make cluster-demo) --------------------------------------------
+def test_ci_runs_the_cluster_demo_after_the_tests() -> None:
+    ci = [
+        line.strip()
+        for line in (rf.ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert ci.index("make cluster-demo") > ci.index("make test")
+    makefile = (rf.ROOT / "Makefile").read_text()
+    assert re.search(r"^cluster-demo: env\n\tbash scripts/cluster_demo\.sh$", makefile, re.M)
+    assert "scripts/cluster_demo.py" in (rf.ROOT / "scripts" / "cluster_demo.sh").read_text()
+
+
+def test_cluster_demo_runs_the_production_deployments() -> None:
+    """The demo triggers the cluster deployments themselves, on the pool they name."""
+    text = (rf.ROOT / "scripts" / "cluster_demo.py").read_text()
+    by_name = {d["name"]: d for d in rf.prefect_yaml()["deployments"]}
+    for name, flow in (("retrain", "train"), ("bulk-segment", "segment")):
+        assert f'"{flow}/{name}"' in text, f"the demo does not run {flow}/{name}"
+        assert f'"-n", "{name}"' in text, f"the demo does not deploy {name}"
+        assert by_name[name]["work_pool"]["name"] == worker_pool() == "cluster"
+    assert '"--pool", "cluster"' in text
+    assert "make cluster-demo" in (rf.ROOT / "README.md").read_text()
+    assert "make cluster-demo" in (rf.ROOT / "docs" / "cluster.md").read_text()

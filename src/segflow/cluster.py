@@ -1,5 +1,8 @@
 """Connecting to Ray and Dask: the local machine by default, or a cluster address.
 
+Unset, Ray is a private local instance of this process (never a `ray start` cluster that happens
+to run on the machine) and Dask is the threaded scheduler.
+
 A cluster is named by the config (``ray_address``, ``dask_address``) or, when the config leaves
 it unset, by the standard variables ``RAY_ADDRESS`` and ``DASK_SCHEDULER_ADDRESS`` (how a
 Prefect worker in docker-compose or Kubernetes points every stage at the cluster).
@@ -22,12 +25,15 @@ def connect_ray(address: str | None) -> dict[str, float]:
     """Start or join Ray once per process; returns the cluster's resources (CPU, GPU...)."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Nothing configured means a private local Ray, started by and for this process: "local",
+    # not None, because ray.init(address=None) joins the last `ray start` cluster on the
+    # machine (whoever started it), and "auto" / "ray://host:10001" must be asked for.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     with _RAY_LOCK:
         if not ray.is_initialized():
             _init_from_lasting_thread(
-                address=address,  # None: a local Ray here; "auto" / "ray://host:10001"
-                num_cpus=None if address else cpu_count(),
+                address=address,
+                num_cpus=cpu_count() if address == "local" else None,
                 include_dashboard=False,
                 log_to_driver=True,
                 configure_logging=False,

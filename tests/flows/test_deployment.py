@@ -15,16 +15,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 
-from flows.train import train_flow
+from segflow.flows.train import train_flow
 from tests.flows.conftest import tiny_config, write_sources
 
-ROOT = Path(__file__).resolve().parents[2]
 # The guard matters: Prefect's runner starts each flow run in a `spawn` child that re-imports
 # __main__, and an unguarded serve() there starts a second runner instead of the run.
 SERVE = """
 import json, sys
-sys.path.insert(0, {root!r})
-from flows.segment import segment_flow
+from segflow.flows.segment import segment_flow
 if __name__ == "__main__":
     segment_flow.serve(name="bulk-segment-test", parameters=json.loads(sys.argv[1]))
 """
@@ -57,7 +55,7 @@ def test_served_deployment_runs_with_its_artifacts(local, prefect_api, tmp_path)
         "layout": "isic",  # predict, crops (and evaluate) name their files the ISIC way
     }
     script = tmp_path / "serve.py"
-    script.write_text(SERVE.format(root=str(ROOT)))
+    script.write_text(SERVE)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 from prefect.client.orchestration import get_client
 
-from flows.ingest import ingest_flow
-from flows.pipeline import pipeline_flow
-from flows.segment import segment_flow
-from flows.train import train_flow
 from segflow.errors import SegflowError
+from segflow.flows.ingest import ingest_flow
+from segflow.flows.pipeline import pipeline_flow
+from segflow.flows.segment import segment_flow
+from segflow.flows.train import train_flow
 from segflow.pipeline.stages import ingest_key
 from segflow.storage import Store
 from tests.flows.helpers import task_runs

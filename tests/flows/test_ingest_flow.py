@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect.client.orchestration import get_client
 
-from flows.ingest import ingest_flow
+from segflow.flows.ingest import ingest_flow
 from segflow.ingest import Dataset
 from tests.flows.helpers import task_runs
 from tests.makers import write_isic
@@ -49,7 +49,7 @@ def test_bad_input_fails_without_retries_and_flow_run_retry_completes_it(local, 
         "retry",
         str(run_id),
         "--entrypoint",
-        "flows/ingest.py:ingest_flow",
+        "segflow.flows.ingest.ingest_flow",
     ]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.pipeline import pipeline_flow
-from flows.segment import segment_flow
+from segflow.flows.pipeline import pipeline_flow
+from segflow.flows.segment import segment_flow
 from segflow.storage import StorageOptions, Store
 from tests.conftest import make_bucket
 from tests.flows.conftest import tiny_config, write_sources

@@ -16,7 +16,7 @@ import psutil
 import torch
 import yaml
 
-from flows.train import train_flow
+from segflow.flows.train import train_flow
 from tests.flows.conftest import TINY_TRAIN
 from tests.makers import write_isic
 

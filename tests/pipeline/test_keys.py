@@ -12,7 +12,7 @@ from segflow.ingest import IngestConfig
 from segflow.pipeline import keys
 from segflow.pipeline.keys import STAGE_ENTRIES, code_hash, stage_modules
 from segflow.storage import Store
-from tasks.common import stage_task
+from segflow.tasks.common import stage_task
 
 PKG = Path(keys.__file__).resolve().parents[1]
 

@@ -51,6 +51,7 @@ class FoldManifest(Manifest):
     thresholded_jaccard: float | None
     checkpoint: str | None
     curves: str
+    placement: dict[str, Any] | None = None  # Ray node + GPU slot of the attempt (None: inline)
 
 
 class OofManifest(Manifest):

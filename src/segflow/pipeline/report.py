@@ -33,11 +33,14 @@ def fold_rows(version: dict[str, Any]) -> list[dict[str, Any]]:
             "val_jaccard": _r(f["jaccard"]), "oof_n": o.get("n"),
             "oof_dice": _r(o.get("dice")), "oof_thresholded_jaccard":
             _r(o.get("thresholded_jaccard")),
+            "ray_node": (f.get("placement") or {}).get("node"),
+            "gpu_slot": ",".join((f.get("placement") or {}).get("gpus") or []) or None,
         })  # fmt: skip
     allrow = scores["oof"]
     rows.append({"fold": "all", "best_epoch": None, "val_dice": None, "val_jaccard": None,
                  "oof_n": allrow["n"], "oof_dice": _r(allrow["dice"]),
-                 "oof_thresholded_jaccard": _r(allrow["thresholded_jaccard"])})  # fmt: skip
+                 "oof_thresholded_jaccard": _r(allrow["thresholded_jaccard"]),
+                 "ray_node": None, "gpu_slot": None})  # fmt: skip
     return rows
 
 

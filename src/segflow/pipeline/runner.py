@@ -18,7 +18,6 @@ the flow's parameters (which Prefect stores and shows).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,19 +86,12 @@ def _secrets_to_env(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_flow(spec: RunSpec) -> dict[str, Any]:
-    """Run the flow in this process (Prefect records it through its API)."""
-    _import_root()
+    """Run the flow in this process (Prefect records it through its API). The flows ship in
+    the installed package as ``segflow.flows`` (pyproject.toml maps ``flows/`` there)."""
     if spec.flow == "train":
-        from flows.train import train_flow as fn
+        from segflow.flows.train import train_flow as fn
     elif spec.flow == "segment":
-        from flows.segment import segment_flow as fn
+        from segflow.flows.segment import segment_flow as fn
     else:
-        from flows.pipeline import pipeline_flow as fn
+        from segflow.flows.pipeline import pipeline_flow as fn
     return fn(**spec.parameters())
-
-
-def _import_root() -> None:
-    """``flows`` and ``tasks`` live at the repository root, beside ``src/``."""
-    root = Path(__file__).resolve().parents[3]
-    if (root / "flows").is_dir() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))

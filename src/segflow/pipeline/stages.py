@@ -123,6 +123,7 @@ def train_fold(cfg: TrainConfig, plan: TrainingPlan, fold: int) -> FoldManifest:
         checkpoint=result.checkpoint,
         curves=run.uri(f"fold-{fold}/curves.png"),
         hash=sha256_object(run, f"fold-{fold}/best.pt"),
+        placement=result.extra.get("placement"),  # Ray node + GPU slot (None: inline)
     )
 
 
@@ -213,7 +214,8 @@ def _manifest(model: type[M], data: dict[str, Any], digest: str | None = None) -
 
 
 def _fold_scores(f: FoldManifest) -> dict[str, Any]:
-    return f.model_dump(include={"fold", "best_epoch", "dice", "jaccard", "thresholded_jaccard"})
+    keys = {"fold", "best_epoch", "dice", "jaccard", "thresholded_jaccard", "placement"}
+    return f.model_dump(include=keys)
 
 
 def _now() -> str:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from segflow.cluster import cpu_count
-from segflow.errors import DatasetError
 from segflow.dataset import open_group
+from segflow.errors import DatasetError
 from segflow.metrics import per_image_scores
 from segflow.storage import StorageOptions, Store, iter_batches
 

@@ -11,11 +11,11 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from segflow.errors import ConfigError
 from segflow.dataset import Dataset
+from segflow.errors import ConfigError
 from segflow.storage import Store
 from segflow.train.config import TrainConfig
-from segflow.train.loop import FoldResult, ensure_oof_array, fit_fold, set_threads
+from segflow.train.loop import DONE, FoldResult, ensure_oof_array, fit_fold, set_threads
 from segflow.train.splits import SPLITS, load_or_create_splits
 
 log = logging.getLogger("segflow.train")
@@ -136,13 +136,61 @@ def _guarded(cfg: TrainConfig, fold: int) -> FoldResult:
         return FoldResult(fold, "failed", error=f"{type(e).__name__}: {e}")
 
 
+PLACEMENT = "placement.json"  # fold-k/placement.json: every attempt's Ray node and GPU slot
+
+
 def _remote_fold(cfg: TrainConfig, fold: int, cpus: int, relayed: bool = False) -> FoldResult:
+    import ray
+    import torch
+
     # Ray copies the worker's console to the driver's; when run_fold relays the epoch lines
     # already, the worker keeps to warnings so that each line is printed once.
     level = logging.WARNING if relayed else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     set_threads(cpus)
-    return fit_fold(cfg, fold)
+    # Where this attempt runs: the Ray node and its GPU slot ids there (CUDA_VISIBLE_DEVICES is
+    # set to them; Ray hands a slot to one task at a time). Every attempt is kept, so a fold
+    # retried after a node loss shows both nodes.
+    here = {
+        "node": ray.get_runtime_context().get_node_id(),
+        "gpus": [str(g) for g in ray.get_gpu_ids()],
+        "started_at": time.time(),
+    }
+    out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
+    earlier = out.read_json(PLACEMENT)["attempts"] if out.exists(PLACEMENT) else []
+    if out.read_marker(DONE) is None:
+        out.write_json(PLACEMENT, {"attempts": [*earlier, {**here, "status": "running"}]})
+    if here["gpus"] and not torch.cuda.is_available():
+        log.warning(
+            "fold %d: Ray gave it GPU slot %s on node %s, but CUDA is not available there: "
+            "training on the CPU", fold, ",".join(here["gpus"]), here["node"],
+        )  # fmt: skip
+    result = fit_fold(cfg, fold)
+    if result.status == "skipped":  # trained earlier: it ran where that attempt ran
+        done = [a for a in earlier if a.get("status") == "done"]
+        result.extra["placement"] = done[-1] if done else None
+        return result
+    attempt = {
+        **here, "status": result.status, "start_epoch": result.start_epoch,
+        "finished_at": time.time(),
+    }  # fmt: skip
+    out.write_json(PLACEMENT, {"attempts": [*earlier, attempt]})
+    result.extra["placement"] = attempt
+    return result
+
+
+def fold_cpus(cfg: TrainConfig, gpus: float, resources: dict[str, float], n_folds: int) -> int:
+    """CPUs per fold task. A GPU fold takes its GPUs' share of one GPU node's cores, so it fits on
+    one node and min(folds, GPUs) run at once; CPU folds share the cluster's cores."""
+    if cfg.cpus_per_fold:
+        return cfg.cpus_per_fold
+    if gpus > 0:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
+        per_gpu = min((n.get("CPU", 0) / n["GPU"] for n in nodes), default=1.0)
+        return max(1, int(per_gpu * gpus))
+    return max(1, int(resources.get("CPU", 1)) // n_folds)
 
 
 def _submit(cfg: TrainConfig, fold: int, n_concurrent: int, relayed: bool = False):
@@ -152,8 +200,7 @@ def _submit(cfg: TrainConfig, fold: int, n_concurrent: int, relayed: bool = Fals
 
     resources = connect_ray(cfg.ray_address)
     gpus = gpus_per_task(cfg.gpus_per_fold, resources)
-    # concurrent folds on one machine share its cores instead of each taking all of them
-    cpus = cfg.cpus_per_fold or max(1, int(resources.get("CPU", 1)) // n_concurrent)
+    cpus = fold_cpus(cfg, gpus, resources, n_concurrent)
     log.info("fold %d on Ray: %s GPU and %s CPU", fold, gpus, cpus)
     opts = {"num_gpus": gpus, "num_cpus": cpus, "max_retries": cfg.max_retries}
     task = ray.remote(_remote_fold).options(
