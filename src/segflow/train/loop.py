@@ -121,13 +121,14 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     started = time.time()
     out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
     dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    # before any write: a fold of another config must be neither skipped nor resumed
     claim_fold(cfg, out, model_spec(cfg, dataset))
     if (done := out.read_marker(DONE)) is not None:
         return FoldResult(**{**done, "status": "skipped", "extra": {}})
     train_data, val_data = _fold_data(cfg, dataset, fold)
     ensure_oof_array(Store(cfg.models, cfg.storage), dataset)
     run = setup_run(cfg, fold, dataset)
-    save_spec(out, run.spec)
+    save_spec(out, run.spec)  # before any weights: a predictor rebuilds the network from it
     progress = start = _resume(run)
     log.info("fold %d: epochs %d..%d on %s", fold, start.epoch + 1, cfg.epochs, run.device)
 
@@ -139,8 +140,9 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
         stats = EpochStats(epoch + 1, lr, train_loss, val, ips, time.perf_counter() - t0)
         progress = on_epoch_end(run, progress, stats)
         if cfg.early_stopping is not None and progress.bad_epochs >= cfg.early_stopping:
-            break
+            break  # no improvement for `early_stopping` epochs
 
+    # the best epoch's validation probabilities (not the last's): what the ensemble will be
     write_oof(run, val_data, dataset)
     scores = {k: progress.best_metrics.get(k) for k in ("dice", "jaccard", "thresholded_jaccard")}
     result = FoldResult(

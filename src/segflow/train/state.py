@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segflow.errors import ConfigError
-from segflow.ingest.dataset import Dataset
 from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.model import ModelSpec
 from segflow.train.splits import SPLITS
+
+if TYPE_CHECKING:  # only its size and resize policy are read
+    from segflow.ingest.dataset import Dataset
 
 log = logging.getLogger("segflow.train")
 
