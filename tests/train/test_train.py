@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,6 +285,9 @@ def test_a_fold_resumes_or_skips_only_its_own_config(tiny_dataset, local):
     assert load_spec(fold).encoder_depth == 3  # refused before anything was written
     res = fit_fold(cfg.model_copy(update={"fold_ids": [0], "cache_mb": 0}), 0)  # runtime only
     assert (res.status, res.start_epoch, res.epochs_run) == ("done", 1, 0)
+    moved = local.url("moved")  # the location copied elsewhere still holds the same fold
+    shutil.copytree(local.url("models"), moved)
+    assert fit_fold(cfg.model_copy(update={"models": moved}), 0).status == "skipped"
 
 
 def test_training_report_shows_one_titled_pair_of_charts_per_fold():

@@ -61,8 +61,10 @@ class ConfigMismatchError(ConfigError):
 
 
 def fold_record(cfg: TrainConfig) -> dict[str, Any]:
-    """The fields that decide a fold's weights: everything but how and where it runs."""
-    return {k: v for k, v in cfg.public_dict().items() if k not in cfg.runtime_fields}
+    """The fields that decide a fold's weights: everything but how it runs and ``models``
+    (the record lives there: a location copied to a new URL still holds the same folds)."""
+    skip = cfg.runtime_fields | {"models"}
+    return {k: v for k, v in cfg.public_dict().items() if k not in skip}
 
 
 def model_spec(cfg: TrainConfig, dataset: Dataset) -> ModelSpec:
