@@ -55,8 +55,28 @@ format: env
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every CPU benchmark, each keeping its stdout (its JSON report last) in $(BENCH_OUT), then the
+# figures block of docs/results.md rewritten from those reports. FAST=1: one repeat and small
+# loads (about 15 minutes on 2 cores instead of an hour, noisier). BENCH_NOTE="...": a line
+# printed above the table, e.g. that other jobs shared the machine. A benchmark that fails is
+# marked in the table; the others still run. The real images come from ../shared/data, or from
+# SEGFLOW_BENCH_DATA (a folder holding isic2017/) when the checkout lives elsewhere.
+BENCH_OUT  ?= benchmarks/results
+BENCHMARKS := ingest crops predict train serve
+BENCH_ARGS_ingest  = $(if $(FAST),--repeats 1,--repeats 3 --memory)
+BENCH_ARGS_crops   = $(if $(FAST),--repeats 1,--repeats 3)
+BENCH_ARGS_predict = $(if $(FAST),--repeats 1 --train-n 16,--repeats 2 --memory 2000)
+BENCH_ARGS_train   = $(if $(FAST),--repeats 1 --steps 8 --n 64,--repeats 2)
+BENCH_ARGS_serve   = $(if $(FAST),--clients 2 --requests 4 --train-n 16,)
+
 bench: env
-	$(BIN)/python benchmarks/ingest.py
+	@mkdir -p $(BENCH_OUT)
+	@$(foreach b,$(BENCHMARKS),echo ">> benchmarks/$(b).py --json $(BENCH_ARGS_$(b))"; \
+		$(BIN)/python benchmarks/$(b).py --json $(BENCH_ARGS_$(b)) > $(BENCH_OUT)/$(b).out \
+			|| echo "{\"failed\": \"exit code $$?\"}" >> $(BENCH_OUT)/$(b).out; \
+		cat $(BENCH_OUT)/$(b).out;)
+	$(BIN)/python scripts/render_results.py $(BENCH_OUT) --doc docs/results.md \
+		--mode $(if $(FAST),fast,full) $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared/data"
+DEFAULT_DATA = Path(os.environ.get("SEGFLOW_BENCH_DATA", REPO.parent / "shared/data"))
 TARGET_VS_FLOOR = 0.8
 
 Pair = tuple[Path, Path]  # (image, mask)

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared/data"
+DEFAULT_DATA = Path(os.environ.get("SEGFLOW_BENCH_DATA", REPO.parent / "shared/data"))
 SIZE = (384, 512)  # (H, W) of the throughput runs
 MEMORY_SIZE = (256, 256)  # (H, W) of the memory runs
 TARGET_VS_NAIVE = 4.0

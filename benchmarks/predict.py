@@ -38,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
+SHARED_DATA = Path(
+    os.environ.get("SEGFLOW_BENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared/data")
+)
 FULLRES = SHARED_DATA / "isic2017/fullres/images"
 TARGET_MODEL_RATIO = 0.8
 TARGET_RSS_BYTES = 2 * 1024**3

@@ -40,7 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict import build_models  # the same tiny ensemble as the predict bench
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
+SHARED_DATA = Path(
+    os.environ.get("SEGFLOW_BENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared/data")
+)
 FULLRES = SHARED_DATA / "isic2017/fullres/images"
 SEED = 0
 

@@ -1,6 +1,6 @@
 """Training throughput fed from the Zarr dataset against the compute bound, in one run.
 
-Builds one training ``Run`` (``segflow.train.loop._setup``) and times full training steps
+Builds one training ``Run`` (``segflow.train.loop.setup_run``) and times full training steps
 (``train_step``: host-to-device copy, augmentation, forward, loss, backward, optimiser) fed
 two ways:
 
@@ -72,7 +72,7 @@ def make_run(args: argparse.Namespace, dataset_url: str, models: Path):
     from segflow.ingest import Dataset
     from segflow.storage import Store
     from segflow.train import TrainConfig
-    from segflow.train.loop import _setup
+    from segflow.train.loop import setup_run
 
     cfg = TrainConfig(
         dataset=dataset_url,
@@ -87,7 +87,7 @@ def make_run(args: argparse.Namespace, dataset_url: str, models: Path):
         prefetch=PREFETCH,
     )
     dataset = Dataset(Store(dataset_url))
-    run = _setup(cfg, 0, Store(str(models)).child("fold-0"), dataset)
+    run = setup_run(cfg, 0, dataset)
     run.model.train()
     return run, dataset
 
@@ -167,8 +167,11 @@ def measure(run, data, shape: tuple[int, int, int], args) -> dict[str, list[Time
         for name, make in feeds.items():
             t = time_steps(run, make(), args.steps)
             runs[name].append(t)
-            print(f"  repeat {r + 1}/{args.repeats} {name:6}: {t.ips:9.1f} img/s, "
-                  f"data wait {t.wait:.3f}s of {t.seconds:.1f}s", file=sys.stderr)  # fmt: skip
+            print(
+                f"  repeat {r + 1}/{args.repeats} {name:6}: {t.ips:9.1f} img/s, "
+                f"data wait {t.wait:.3f}s of {t.seconds:.1f}s",
+                file=sys.stderr,
+            )
     return runs
 
 
@@ -245,8 +248,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", help="URL of an existing Zarr dataset (default: build one)")
     p.add_argument("--n", type=int, default=256, help="demo images to build the dataset from")
-    p.add_argument("--size", type=parse_size, default=(256, 256) if gpu else (128, 128),
-                   help="demo dataset size, N or HxW (default 256 on GPU, 128 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=(256, 256) if gpu else (128, 128),
+        help="demo dataset size, N or HxW (default 256 on GPU, 128 on CPU)",
+    )
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--batch-size", type=int, default=64 if gpu else 16)
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
@@ -273,8 +280,8 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     if url is None:
         t0 = time.perf_counter()
         url = build_dataset(tmp, args.n, args.size)
-        print(f"  dataset: {args.n} demo images in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        print(f"  dataset: {args.n} demo images in {seconds:.1f}s", file=sys.stderr)
     run, dataset = make_run(args, url, tmp / "models")
     rows = labelled_rows(dataset)
     if len(rows) < args.batch_size:

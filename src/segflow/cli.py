@@ -179,6 +179,14 @@ def train(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster (auto, ray://...)")] = None,
     gpus_per_fold: Annotated[float | None, typer.Option(help="GPUs per fold (0 on CPU)")] = None,
     cpus_per_fold: Annotated[int | None, typer.Option(help="CPU threads per fold")] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option(
+            "--overwrite",
+            help="when --models holds a training of another config, delete it and train "
+            "afresh (default: refuse, naming the fields that differ)",
+        ),
+    ] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -191,12 +199,26 @@ def train(
     ids = [int(x) for x in fold_ids.split(",") if x.strip()] if fold_ids else None
     cfg = TrainConfig.load(
         config,
-        dataset=dataset, models=models, folds=folds, fold_ids=ids, arch=arch, encoder=encoder,
-        encoder_weights=encoder_weights, size=size, epochs=epochs, batch_size=batch_size,
-        loss=loss, lr=lr, seed=seed, executor=executor, ray_address=ray_address,
-        gpus_per_fold=gpus_per_fold, cpus_per_fold=cpus_per_fold,
+        dataset=dataset,
+        models=models,
+        folds=folds,
+        fold_ids=ids,
+        arch=arch,
+        encoder=encoder,
+        encoder_weights=encoder_weights,
+        size=size,
+        epochs=epochs,
+        batch_size=batch_size,
+        loss=loss,
+        lr=lr,
+        seed=seed,
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_fold=gpus_per_fold,
+        cpus_per_fold=cpus_per_fold,
+        overwrite=overwrite,
         storage=_storage(endpoint_url),
-    )  # fmt: skip
+    )
     result = run_train(cfg)
     lines = [f"models: {result.models} ({result.seconds:.0f}s)"]
     for f in result.folds:

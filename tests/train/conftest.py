@@ -19,8 +19,10 @@ def make_dataset(location_url: str, storage: StorageOptions, n: int = 24, size: 
     raw = Store(f"{location_url}/raw", storage)
     write_isic(raw, range(n), h=size, w=size)
     url = f"{location_url}/ds"
-    ingest(IngestConfig(layout="isic", source=raw.url, dataset=url, size=(size, size),
-                        storage=storage))  # fmt: skip
+    cfg = IngestConfig(
+        layout="isic", source=raw.url, dataset=url, size=(size, size), storage=storage
+    )
+    ingest(cfg)
     return url
 
 

@@ -28,19 +28,34 @@ def fold_rows(version: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for f in scores["folds"]:
         o = oof.get(f["fold"], {})
-        rows.append({
-            "fold": f["fold"], "best_epoch": f["best_epoch"], "val_dice": _r(f["dice"]),
-            "val_jaccard": _r(f["jaccard"]), "oof_n": o.get("n"),
-            "oof_dice": _r(o.get("dice")), "oof_thresholded_jaccard":
-            _r(o.get("thresholded_jaccard")),
-            "ray_node": (f.get("placement") or {}).get("node"),
-            "gpu_slot": ",".join((f.get("placement") or {}).get("gpus") or []) or None,
-        })  # fmt: skip
+        placement = f.get("placement") or {}
+        rows.append(
+            {
+                "fold": f["fold"],
+                "best_epoch": f["best_epoch"],
+                "val_dice": _r(f["dice"]),
+                "val_jaccard": _r(f["jaccard"]),
+                "oof_n": o.get("n"),
+                "oof_dice": _r(o.get("dice")),
+                "oof_thresholded_jaccard": _r(o.get("thresholded_jaccard")),
+                "ray_node": placement.get("node"),
+                "gpu_slot": ",".join(placement.get("gpus") or []) or None,
+            }
+        )
     allrow = scores["oof"]
-    rows.append({"fold": "all", "best_epoch": None, "val_dice": None, "val_jaccard": None,
-                 "oof_n": allrow["n"], "oof_dice": _r(allrow["dice"]),
-                 "oof_thresholded_jaccard": _r(allrow["thresholded_jaccard"]),
-                 "ray_node": None, "gpu_slot": None})  # fmt: skip
+    rows.append(
+        {
+            "fold": "all",
+            "best_epoch": None,
+            "val_dice": None,
+            "val_jaccard": None,
+            "oof_n": allrow["n"],
+            "oof_dice": _r(allrow["dice"]),
+            "oof_thresholded_jaccard": _r(allrow["thresholded_jaccard"]),
+            "ray_node": None,
+            "gpu_slot": None,
+        }
+    )
     return rows
 
 
@@ -49,9 +64,13 @@ def _r(v: float | None) -> float | None:
 
 
 def overlay_grid(
-    run_url: str, dataset_url: str, storage: StorageOptions | None, threshold: float,
-    n: int = 8, cols: int = 4,
-) -> bytes:  # fmt: skip
+    run_url: str,
+    dataset_url: str,
+    storage: StorageOptions | None,
+    threshold: float,
+    n: int = 8,
+    cols: int = 4,
+) -> bytes:
     """PNG of ``n`` out-of-fold predictions: the image, the truth outline in green and the
     prediction at ``threshold`` tinted red. Rows are spread evenly over the OOF images."""
     import zarr
@@ -59,8 +78,8 @@ def overlay_grid(
     run = Store(run_url, storage)
     group = open_group(Store(dataset_url, storage), "r")
     probs = zarr.open_array(run.zarr_store(read_only=True), path="oof.zarr/probs", mode="r")
-    rows = sorted(r for p in run.fs.glob(run.path("fold-*/oof.json"))
-                  for r in json.loads(run.fs.cat_file(p))["rows"])  # fmt: skip
+    oof_files = run.fs.glob(run.path("fold-*/oof.json"))
+    rows = sorted(r for p in oof_files for r in json.loads(run.fs.cat_file(p))["rows"])
     picked = [rows[i] for i in np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
     tiles = [
         _overlay(group["images"][r], group["masks"][r] > 0, probs[r] >= threshold * 255)
@@ -126,7 +145,10 @@ def training_markdown(
         "",
         "## Training curves",
     ]
-    lines += [embed_png(png, f"fold {k} curves") for k, png in sorted(curves.items())]
+    # a heading and blank lines around each image: consecutive image lines would render as
+    # one paragraph, every fold's charts run together with nothing saying which is which
+    for fold, png in sorted(curves.items()):
+        lines += ["", f"### Fold {fold}", "", embed_png(png, f"fold {fold}: loss and validation")]
     if overlays:
         lines += ["", "## Out-of-fold predictions (red: prediction, green: truth outline)"]
         lines.append(embed_png(overlays, "OOF overlays"))

@@ -52,6 +52,9 @@ class TrainConfig(StageConfig):
     max_retries: int = Field(1, ge=0)
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     cache_mb: int = Field(2048, ge=0, description="hold a fold's data in RAM below this")
+    overwrite: bool = Field(
+        False, description="delete a training of another config found at `models`, not refuse"
+    )
 
     runtime_fields = frozenset(
         {
@@ -64,6 +67,7 @@ class TrainConfig(StageConfig):
             "max_retries",
             "prefetch",
             "cache_mb",
+            "overwrite",
         }
     )
 

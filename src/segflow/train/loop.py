@@ -1,6 +1,9 @@
-"""One fold's training: ``fit_fold`` reads as an outline of train_step, validation_step and
-on_epoch_end. Everything a resumed run needs is in ``last.pt``; everything a predictor needs
-is ``config.json`` + ``best.pt``.
+"""One fold's training. ``fit_fold`` is the outline (claim the fold, set up, resume, then per
+epoch: train_epoch, validate, on_epoch_end); the steps are plain functions below it.
+
+``Run`` holds what a fold trains with and never changes; ``Progress`` is what changes from
+epoch to epoch. Everything a resumed run needs is in ``last.pt`` (weights, optimiser,
+scheduler, RNG and ``Progress``); everything a predictor needs is ``config.json`` + ``best.pt``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -35,12 +39,21 @@ from segflow.train.model import (
 )
 from segflow.train.model import normalise as normalise_input
 from segflow.train.splits import fold_indices, load_or_create_splits
+from segflow.train.state import claim_fold, model_spec
 
 log = logging.getLogger("segflow.train")
 METRICS_COLUMNS = (
-    "epoch", "lr", "train_loss", "val_loss", "val_dice", "val_jaccard",
-    "val_thresholded_jaccard", "images_per_s", "seconds",
-)  # fmt: skip
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_dice",
+    "val_jaccard",
+    "val_thresholded_jaccard",
+    "images_per_s",
+    "epoch_seconds",  # duration of the epoch's training and validation
+    "wall_time",  # when the epoch ended, ISO 8601 UTC
+)
 DONE = "fold"  # marker name: fold-k/fold.complete.json
 
 
@@ -61,13 +74,13 @@ class FoldResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Run:
-    """The mutable state of one fold's training, bundled so the loop reads as an outline."""
+    """What one fold trains with, fixed once set up; the loop passes it to every step."""
 
     cfg: TrainConfig
     fold: int
-    out: Store
+    out: Store  # the fold's folder
     spec: ModelSpec
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,6 +90,12 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     augment: AugmentConfig
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What changes from epoch to epoch; saved in ``last.pt`` with the weights."""
+
     epoch: int = 0  # epochs completed
     best_score: float | None = None
     best_epoch: int | None = None
@@ -84,31 +103,59 @@ class Run:
     best_metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch's figures: one row of metrics.csv."""
+
+    epoch: int  # 1-based
+    lr: float
+    train_loss: float
+    val: dict[str, float]  # loss, dice, jaccard, thresholded_jaccard
+    images_per_s: float
+    seconds: float
+
+
 def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
+    """Train one fold to the end, resuming from ``last.pt``; a finished fold of the same
+    config is skipped, a fold of another config refused (see :mod:`segflow.train.state`)."""
     started = time.time()
     out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
+    dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    # before any write: a fold of another config must be neither skipped nor resumed
+    claim_fold(cfg, out, model_spec(cfg, dataset))
     if (done := out.read_marker(DONE)) is not None:
         return FoldResult(**{**done, "status": "skipped", "extra": {}})
-    dataset = Dataset(Store(cfg.dataset, cfg.storage))
     train_data, val_data = _fold_data(cfg, dataset, fold)
     ensure_oof_array(Store(cfg.models, cfg.storage), dataset)
-    run = _setup(cfg, fold, out, dataset)
-    start = run.epoch
-    log.info("fold %d: epochs %d..%d on %s", fold, start + 1, cfg.epochs, run.device)
+    run = setup_run(cfg, fold, dataset)
+    save_spec(out, run.spec)  # before any weights: a predictor rebuilds the network from it
+    progress = start = _resume(run)
+    log.info("fold %d: epochs %d..%d on %s", fold, start.epoch + 1, cfg.epochs, run.device)
 
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start.epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         train_loss, ips = train_epoch(run, train_data, epoch)
         val = validate(run, val_data)
-        if on_epoch_end(run, epoch, train_loss, val, ips):
-            break  # early stopping
+        stats = EpochStats(epoch + 1, lr, train_loss, val, ips, time.perf_counter() - t0)
+        progress = on_epoch_end(run, progress, stats)
+        if cfg.early_stopping is not None and progress.bad_epochs >= cfg.early_stopping:
+            break  # no improvement for `early_stopping` epochs
 
+    # the best epoch's validation probabilities (not the last's): what the ensemble will be
     write_oof(run, val_data, dataset)
+    scores = {k: progress.best_metrics.get(k) for k in ("dice", "jaccard", "thresholded_jaccard")}
     result = FoldResult(
-        fold=fold, status="done", best_epoch=run.best_epoch, checkpoint=out.uri("best.pt"),
-        start_epoch=start, epochs_run=run.epoch - start, started_at=started,
-        finished_at=time.time(), **{k: run.best_metrics.get(k) for k in
-                                    ("dice", "jaccard", "thresholded_jaccard")},
-    )  # fmt: skip
+        fold=fold,
+        status="done",
+        best_epoch=progress.best_epoch,
+        checkpoint=out.uri("best.pt"),
+        start_epoch=start.epoch,
+        epochs_run=progress.epoch - start.epoch,
+        started_at=started,
+        finished_at=time.time(),
+        **scores,
+    )
     out.mark_complete(DONE, {k: v for k, v in asdict(result).items() if k != "extra"})
     return result
 
@@ -130,15 +177,12 @@ def _fold_data(cfg: TrainConfig, dataset: Dataset, fold: int) -> tuple[FoldData,
     )
 
 
-def _setup(cfg: TrainConfig, fold: int, out: Store, dataset: Dataset) -> Run:
+def setup_run(cfg: TrainConfig, fold: int, dataset: Dataset) -> Run:
+    """Fold ``fold``'s freshly initialised model, optimiser, scheduler and loss on the best
+    device, ready for :func:`train_step`. Writes nothing: :func:`fit_fold` saves and resumes."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(_seed(cfg.seed, fold))  # same seed and fold: same initial weights
-    spec = ModelSpec(
-        arch=cfg.arch, encoder=cfg.encoder, encoder_depth=cfg.encoder_depth,
-        decoder_channels=cfg.decoder_channels, input_size=cfg.size or dataset.size,
-        dataset_size=dataset.size, resize=dataset.resize, threshold=cfg.threshold,
-        encoder_weights=cfg.encoder_weights,
-    )  # fmt: skip
+    spec = model_spec(cfg, dataset)
     model = build_model(spec)
     if cfg.encoder_weights:
         from segflow.train.weights import load_encoder_weights
@@ -151,14 +195,21 @@ def _setup(cfg: TrainConfig, fold: int, out: Store, dataset: Dataset) -> Run:
     optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    run = Run(
-        cfg, fold, out, spec, model, optimizer, _scheduler(cfg, optimizer),
-        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        make_loss(cfg.loss).to(device), device, amp_dtype, AugmentConfig(**cfg.augment),
-    )  # fmt: skip
-    save_spec(out, spec)
-    _resume(run)
-    return run
+    return Run(
+        cfg=cfg,
+        fold=fold,
+        out=Store(cfg.models, cfg.storage).child(f"fold-{fold}"),
+        spec=spec,
+        model=model,
+        optimizer=optimizer,
+        scheduler=_scheduler(cfg, optimizer),
+        # loss scaling only for fp16: bf16 has fp32's exponent range and never underflows
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        loss_fn=make_loss(cfg.loss).to(device),
+        device=device,
+        amp_dtype=amp_dtype,
+        augment=AugmentConfig(**cfg.augment),
+    )
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
@@ -185,20 +236,19 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _resume(run: Run) -> None:
+def _resume(run: Run) -> Progress:
     """Continue from ``last.pt``: the next epoch is the first one not completed."""
     if not run.out.exists("last.pt"):
-        return
+        return Progress()
     state = load_checkpoint(run.out, "last.pt", run.device)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"].cpu())
-    run.epoch, run.bad_epochs = state["epoch"], state["bad_epochs"]
-    run.best_score, run.best_epoch = state["best_score"], state["best_epoch"]
-    run.best_metrics = state["best_metrics"]
-    log.info("fold %d: resuming after epoch %d", run.fold, run.epoch)
+    progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
+    log.info("fold %d: resuming after epoch %d", run.fold, progress.epoch)
+    return progress
 
 
 # -- the three steps ------------------------------------------------------------------------------
@@ -251,31 +301,39 @@ def validation_step(run: Run, images: np.ndarray, masks: np.ndarray):
     return float(run.loss_fn(logits, y)), per_image_scores(pred[:, 0], y[:, 0] > 0.5)
 
 
-def on_epoch_end(run: Run, epoch: int, train_loss: float, val: dict[str, float], ips: float):
-    """Bookkeeping after each epoch; returns True when early stopping says stop."""
+def on_epoch_end(run: Run, progress: Progress, stats: EpochStats) -> Progress:
+    """Bookkeeping after each epoch: best.pt, scheduler, metrics.csv, last.pt, curves."""
+    val = stats.val
     score = -val["loss"] if run.cfg.monitor == "loss" else val[run.cfg.monitor]
-    improved = run.best_score is None or score > run.best_score
-    if improved:
-        run.best_score, run.best_epoch, run.bad_epochs = score, epoch + 1, 0
-        run.best_metrics = {k: val[k] for k in ("dice", "jaccard", "thresholded_jaccard")}
-        save_weights(run.out, "best.pt", {"model": run.model.state_dict(), "epoch": epoch + 1})
+    if progress.best_score is None or score > progress.best_score:
+        best = {k: val[k] for k in ("dice", "jaccard", "thresholded_jaccard")}
+        progress = replace(
+            progress, best_score=score, best_epoch=stats.epoch, bad_epochs=0, best_metrics=best
+        )
+        save_weights(run.out, "best.pt", {"model": run.model.state_dict(), "epoch": stats.epoch})
     else:
-        run.bad_epochs += 1
-    lr = run.optimizer.param_groups[0]["lr"]
+        progress = replace(progress, bad_epochs=progress.bad_epochs + 1)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        run.scheduler.step(score if run.cfg.monitor != "loss" else val["loss"])
+        run.scheduler.step(val["loss"] if run.cfg.monitor == "loss" else score)
     else:
         run.scheduler.step()
-    run.epoch = epoch + 1
-    _append_metrics(run, epoch + 1, lr, train_loss, val, ips)
-    save_weights(run.out, "last.pt", _full_state(run))  # after metrics: a row implies state
+    progress = replace(progress, epoch=stats.epoch)
+    _append_metrics(run.out, stats)
+    # after the metrics row: a kill in between reruns the epoch and replaces its row, while
+    # a last.pt ahead of metrics.csv would leave an epoch without one
+    save_weights(run.out, "last.pt", _full_state(run, progress))
     _plot(run)
     log.info(
-        "fold %d epoch %d: train %.4f val %.4f dice %.4f (%.1f img/s)",
-        run.fold, epoch + 1, train_loss, val["loss"], val["dice"], ips,
-    )  # fmt: skip
-    patience = run.cfg.early_stopping
-    return patience is not None and run.bad_epochs >= patience
+        "fold %d epoch %d: train %.4f val %.4f dice %.4f (%.1f img/s, %.1fs)",
+        run.fold,
+        stats.epoch,
+        stats.train_loss,
+        val["loss"],
+        val["dice"],
+        stats.images_per_s,
+        stats.seconds,
+    )
+    return progress
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -296,49 +354,53 @@ def normalise(run: Run, x: torch.Tensor) -> torch.Tensor:
     return normalise_input(x, run.spec)
 
 
-def _full_state(run: Run) -> dict[str, Any]:
+def _full_state(run: Run, progress: Progress) -> dict[str, Any]:
     return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "epoch": run.epoch,
-        "bad_epochs": run.bad_epochs,
-        "best_score": run.best_score,
-        "best_epoch": run.best_epoch,
-        "best_metrics": run.best_metrics,
+        **asdict(progress),
     }
 
 
-def _append_metrics(run: Run, epoch: int, lr, train_loss, val, ips) -> None:
+def _append_metrics(out: Store, stats: EpochStats) -> None:
     """Rewrite metrics.csv with the rows of earlier epochs plus this one: a resumed run that
     repeats an epoch never leaves two rows for it."""
     rows = []
-    if run.out.exists("metrics.csv"):
-        text = run.out.read_bytes("metrics.csv").decode()
-        rows = [r for r in csv.DictReader(io.StringIO(text)) if int(r["epoch"]) < epoch]
+    if out.exists("metrics.csv"):
+        text = out.read_bytes("metrics.csv").decode()
+        rows = [r for r in csv.DictReader(io.StringIO(text)) if int(r["epoch"]) < stats.epoch]
+    val = stats.val
     rows.append(
         {
-            "epoch": epoch, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.5f}",
-            "val_loss": f"{val['loss']:.5f}", "val_dice": f"{val['dice']:.5f}",
+            "epoch": stats.epoch,
+            "lr": f"{stats.lr:.3g}",
+            "train_loss": f"{stats.train_loss:.5f}",
+            "val_loss": f"{val['loss']:.5f}",
+            "val_dice": f"{val['dice']:.5f}",
             "val_jaccard": f"{val['jaccard']:.5f}",
             "val_thresholded_jaccard": f"{val['thresholded_jaccard']:.5f}",
-            "images_per_s": f"{ips:.2f}", "seconds": f"{time.time():.0f}",
+            "images_per_s": f"{stats.images_per_s:.2f}",
+            "epoch_seconds": f"{stats.seconds:.2f}",
+            "wall_time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-    )  # fmt: skip
+    )
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
+    # rows of a run before a column rename (a resumed fold) keep the columns both share
+    writer = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    run.out.write_bytes("metrics.csv", buf.getvalue().encode())
+    out.write_bytes("metrics.csv", buf.getvalue().encode())
 
 
 def _plot(run: Run) -> None:
     from segflow.train.plots import plot_curves
 
     try:
-        run.out.write_bytes("curves.png", plot_curves(run.out.read_bytes("metrics.csv")))
+        curves = plot_curves(run.out.read_bytes("metrics.csv"), run.fold)
+        run.out.write_bytes("curves.png", curves)
     except Exception as e:  # a plot must never cost a training run
         log.warning("fold %d: could not plot training curves: %s", run.fold, e)
 

@@ -23,9 +23,12 @@ METRICS = ("dice", "jaccard", "thresholded_jaccard")
 
 
 def oof_scores(
-    models_url: str, dataset_url: str, storage: StorageOptions | None = None,
-    threshold: float = 0.5, batch: int = 32,
-) -> dict[str, Any]:  # fmt: skip
+    models_url: str,
+    dataset_url: str,
+    storage: StorageOptions | None = None,
+    threshold: float = 0.5,
+    batch: int = 32,
+) -> dict[str, Any]:
     """``{"threshold", "per_fold": [{fold, n, dice, jaccard, thresholded_jaccard}],
     "overall": {n, dice, ...}}``; means are over labelled OOF images."""
     import dask
@@ -43,8 +46,8 @@ def oof_scores(
         for k, rows in folds.items()
         for i, rows in enumerate(iter_batches([r for r in rows if labelled[r]], batch))
     }
-    results = dict(zip(tasks, dask.compute(*tasks.values(), scheduler="threads",
-                                           num_workers=cpu_count()), strict=True))  # fmt: skip
+    scored = dask.compute(*tasks.values(), scheduler="threads", num_workers=cpu_count())
+    results = dict(zip(tasks, scored, strict=True))
     per_fold = []
     every: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
     for k in sorted(folds):

@@ -6,7 +6,9 @@ import csv
 import io
 
 
-def plot_curves(metrics_csv: bytes) -> bytes:
+def plot_curves(metrics_csv: bytes, fold: int) -> bytes:
+    """Loss and validation scores per epoch, side by side, titled with the fold: the
+    training report shows one such pair per fold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,8 +25,8 @@ def plot_curves(metrics_csv: bytes) -> bytes:
         ("val_thresholded_jaccard", "thresholded Jaccard"),
     ):
         ax2.plot(epochs, [float(r[key]) for r in rows], marker="o", label=label)
-    ax1.set(xlabel="epoch", title="loss")
-    ax2.set(xlabel="epoch", title="validation", ylim=(0, 1))
+    ax1.set(xlabel="epoch", title=f"fold {fold}: loss")
+    ax2.set(xlabel="epoch", title=f"fold {fold}: validation", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -17,6 +17,7 @@ from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.loop import DONE, FoldResult, ensure_oof_array, fit_fold, set_threads
 from segflow.train.splits import SPLITS, load_or_create_splits
+from segflow.train.state import RECORD, check_models
 
 log = logging.getLogger("segflow.train")
 
@@ -59,10 +60,12 @@ def prepare_run(cfg: TrainConfig) -> list[int]:
     if "masks" not in dataset.group or not dataset.column("has_mask").any():
         raise ConfigError(f"dataset {cfg.dataset} has no masks; training needs labelled images")
     fold_ids = _fold_ids(cfg)
+    # before anything is written: train_config.json must keep describing the folds beside it
+    check_models(cfg, models, dataset)
     groups = [str(g) for g in dataset.column("groups")]
     load_or_create_splits(models, dataset.ids, groups, cfg.folds, cfg.seed)
     ensure_oof_array(models, dataset)
-    models.write_json("train_config.json", cfg.public_dict())
+    models.write_json(RECORD, cfg.public_dict())
     return fold_ids
 
 
