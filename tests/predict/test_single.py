@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.crops import expand_box, largest_box, masked_crop
 from segflow.geometry import from_frame, place
 from segflow.imaging import Rejected, decode_image
+from segflow.masks import expand_box, largest_box, masked_crop
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import load_ensemble
-from segflow.predict.postprocess import full_size_mask, postprocess
-from segflow.predict.run import predict, resolve_choice
+from segflow.predict.postprocess import full_size_mask, postprocess, resolve_choice
+from segflow.predict.run import predict
 from segflow.predict.single import finish, masked_crop_png, prepare, segment_bytes
 from segflow.storage import StorageOptions, Store
 from segflow.train import train
@@ -53,7 +53,7 @@ def test_segment_bytes_equals_the_batch_predictor(models, ensemble, tmp_path):
     cfg = PredictConfig(models=models, source=str(tmp_path / "src"), out=str(tmp_path / "out"),
                         tta="d4", executor="inline")  # fmt: skip
     predict(cfg)  # one batch of all three images
-    threshold, method = resolve_choice(cfg)
+    threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
     for name, data in inputs.items():
         res = segment_bytes(ensemble, data, name, threshold, method, "d4", 10**6)
         written = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name[0]}.png"))

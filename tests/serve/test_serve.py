@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.crops import largest_box
 from segflow.errors import SegflowError
+from segflow.masks import largest_box
 from segflow.predict.config import PredictConfig
 from segflow.predict.run import predict
 from segflow.serve import ServeConfig

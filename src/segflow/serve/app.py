@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -26,11 +27,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segflow import __version__
 from segflow.imaging import Rejected
 from segflow.predict.single import SingleResult, masked_crop_png
+from segflow.serve.limits import declared_length, too_large_message
 from segflow.serve.service import Service, VersionMismatch
 
 log = logging.getLogger("segflow.serve")
 VERSION_HEADER = "X-Model-Version"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+_SEND_IMAGE = "send a JPEG, PNG, TIFF or BMP"
+#: a multipart body holds one file; a few more parts (form fields) are tolerated
+MAX_PARTS = 16
 
 
 class HTTPError(Exception):
@@ -159,9 +164,14 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
     try:
         prepared = service.prepare(data, name)
     except Rejected as r:
-        status = 413 if r.reason == "too_large" else 400
-        hint = "send a smaller image" if status == 413 else "send a JPEG, PNG, TIFF or BMP"
-        raise HTTPError(status, r.reason, f"{r.detail}; {hint}") from None
+        raise _refused_image(r, service.cfg.max_pixels) from None
+    except Exception as e:  # whatever a decoder raises on a bad file is the client's 400
+        log.info("undecodable upload %s: %s: %s", name, type(e).__name__, e)
+        raise HTTPError(
+            400,
+            "unreadable",
+            f"the image cannot be decoded ({type(e).__name__}); {_SEND_IMAGE}",
+        ) from None
     result = service.segment(prepared)
     png = result.mask_png()
     cropped = None
@@ -171,6 +181,23 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
     if fmt == "png":
         return Response(png, media_type="image/png", headers=_png_headers(service, result, ms))
     return _json_body(service, result, png, cropped, ms)
+
+
+def _refused_image(r: Rejected, max_pixels: int) -> HTTPError:
+    if r.reason != "too_large":
+        return HTTPError(400, r.reason, f"{r.detail}; {_SEND_IMAGE}")
+    # the decoder's own message may quote another limit (Pillow's bomb guard): quote ours
+    if f"{max_pixels:,}" in r.detail:
+        detail = r.detail
+    else:
+        size = re.search(r"\((\d+) pixels\)", r.detail)
+        detail = f"the image has {int(size[1]):,} pixels" if size else "the image is too large"
+    return HTTPError(
+        413,
+        "too_large",
+        f"{detail}; this server takes images of at most {max_pixels:,} pixels: send a smaller "
+        "image",
+    )
 
 
 def _json_body(service: Service, result: SingleResult, png: bytes, cropped, ms: float) -> Any:
@@ -220,7 +247,8 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
         )
     body = await _read_body(request, max_bytes)
     if kind == "multipart/form-data":
-        data, filename = parse_multipart(body, ctype)
+        # off the event loop: a body of many tiny parts must not stall other requests
+        data, filename = await run_in_threadpool(parse_multipart, body, ctype)
         name = filename or "upload"
     else:
         data, name = body, f"upload.{kind.removeprefix('image/')}"
@@ -230,14 +258,12 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    too_big = HTTPError(
-        413,
-        "too_large",
-        f"the request body is over the limit of {max_bytes:,} bytes; send a smaller image or "
-        "start the server with a larger max_bytes",
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    """The body, refused (413) by its declared length before any byte is read, else as soon
+    as the bytes counted so far pass the limit. Serve's proxy applies the same limit first
+    (:mod:`segflow.serve.limits`)."""
+    too_big = HTTPError(413, "too_large", too_large_message(max_bytes))
+    declared = declared_length(request.scope)
+    if declared is not None and declared > max_bytes:
         raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
@@ -258,7 +284,8 @@ def _decoder_name(name: str, data: bytes) -> str:
 def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
     """``(bytes, filename)`` of the first file part of a ``multipart/form-data`` body: the
     part named ``file``, or any part with a filename (RFC 7578). The body is split on its
-    boundary as bytes (exact for binary data); each part's headers go through ``email``."""
+    boundary as bytes (exact for binary data), at most :data:`MAX_PARTS` parts; each part's
+    headers go through ``email``."""
     boundary = _param(content_type, "boundary")
     if not boundary:
         raise HTTPError(
@@ -267,21 +294,45 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
             f"Content-Type {content_type!r} has no boundary; let the HTTP client build the "
             "multipart body (curl -F file=@x.jpg)",
         )
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
-        if chunk.startswith(b"--"):  # the close delimiter: no more parts
+    delimiter = b"--" + boundary.encode("latin-1")
+    # the first delimiter may open the body; every later one follows a CRLF
+    start = 0 if body.startswith(delimiter) else body.find(b"\r\n" + delimiter)
+    if start < 0:
+        raise HTTPError(400, "bad_multipart", _NO_DELIMITER)
+    start = start if start == 0 else start + 2
+    delimiter = b"\r\n" + delimiter
+    pos = start + len(delimiter) - 2
+    for _ in range(MAX_PARTS):
+        if body.startswith(b"--", pos):  # the close delimiter: no more parts
             break
-        headers, content = _split_part(chunk)
+        end = body.find(delimiter, pos)
+        if end < 0:
+            raise HTTPError(400, "bad_multipart", _NO_DELIMITER)
+        headers, content = _split_part(body[pos:end])
         name = headers.get_param("name", header="content-disposition")
         filename = headers.get_filename()
         if name == "file" or filename:
             return content, filename
+        pos = end + len(delimiter)
+    else:
+        if not body.startswith(b"--", pos):
+            raise HTTPError(
+                400,
+                "bad_multipart",
+                f"the multipart body has more than {MAX_PARTS} parts before a file part; send "
+                "the image in a field named 'file' (curl -F file=@x.jpg)",
+            )
     raise HTTPError(
         400,
         "no_file",
         "the multipart body has no file part; send the image in a field named 'file' "
         "(curl -F file=@x.jpg)",
     )
+
+
+_NO_DELIMITER = (
+    "the multipart body does not follow its boundary; send a complete multipart/form-data body"
+)
 
 
 def _split_part(chunk: bytes) -> tuple[Message, bytes]:

@@ -73,7 +73,13 @@ def serve(cfg: ServeConfig) -> ServeResult:
     gpus = gpus_per_task(cfg.gpus_per_replica, resources)
     cpus = cfg.cpus_per_replica or max(1, int(resources.get("CPU", 1)) // cfg.replicas)
     _check_resources(cfg.replicas, gpus, cpus, resources, local)
-    ray_serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    from starlette.middleware import Middleware
+
+    from segflow.serve.limits import BodyLimit
+
+    # the byte limit runs in Serve's proxy: it must refuse a body before the proxy queues it
+    limit = Middleware(BodyLimit, max_bytes=cfg.max_bytes)
+    ray_serve.start(http_options={"host": cfg.host, "port": cfg.port, "middlewares": [limit]})
     deployment = SegmentDeployment.options(
         num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}
     )
@@ -82,14 +88,26 @@ def serve(cfg: ServeConfig) -> ServeResult:
     except RuntimeError as e:  # Serve reports a replica that failed to start this way
         raise SegflowError(f"the model server did not start: {e}") from None
     url = f"http://{_url_host(cfg.host)}:{cfg.port}"
-    log.info("serving model version %s at %s (%d replica(s), %s GPU and %d CPU each)",
-             resolved.version.id, url, cfg.replicas, gpus, cpus)  # fmt: skip
+    log.info(
+        "serving model version %s at %s (%d replica(s), %s GPU and %d CPU each)",
+        resolved.version.id,
+        url,
+        cfg.replicas,
+        gpus,
+        cpus,
+    )
     return ServeResult(
-        url=url, version=resolved.version.id, models=cfg.models, replicas=cfg.replicas,
-        gpus_per_replica=gpus, cpus_per_replica=cpus, tta=cfg.tta,
-        threshold=resolved.threshold, postprocess=resolved.postprocess,
+        url=url,
+        version=resolved.version.id,
+        models=cfg.models,
+        replicas=cfg.replicas,
+        gpus_per_replica=gpus,
+        cpus_per_replica=cpus,
+        tta=cfg.tta,
+        threshold=resolved.threshold,
+        postprocess=resolved.postprocess,
         seconds=round(time.perf_counter() - t0, 2),
-    )  # fmt: skip
+    )
 
 
 def stop() -> None:
