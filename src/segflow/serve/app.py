@@ -27,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segflow import __version__
 from segflow.imaging import Rejected
 from segflow.predict.single import SingleResult, masked_crop_png
-from segflow.serve.limits import declared_length, too_large_message
 from segflow.serve.service import Service, VersionMismatch
 
 log = logging.getLogger("segflow.serve")
@@ -42,9 +41,17 @@ class HTTPError(Exception):
     """A request the server refuses: ``status``, a short ``reason`` and a ``message`` that says
     what was received and what to send instead."""
 
-    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.extra = status, reason, message, extra
+        self.headers = headers
 
 
 # -- response bodies (also the OpenAPI schema) --------------------------------------------------
@@ -259,11 +266,22 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused (413) by its declared length before any byte is read, else as soon
-    as the bytes counted so far pass the limit. Serve's proxy applies the same limit first
-    (:mod:`segflow.serve.limits`)."""
-    too_big = HTTPError(413, "too_large", too_large_message(max_bytes))
-    declared = declared_length(request.scope)
-    if declared is not None and declared > max_bytes:
+    as the bytes counted so far pass the limit.
+
+    Serve's proxy reads a body as fast as the client sends it and queues it until this
+    replica asks for it: the sooner the answer, the less it queues. So the answer comes
+    before any read when the length is declared, the stream is pulled without a pause while
+    counted, and a 413 says ``Connection: close``: the proxy stops reading the rest of the
+    body instead of draining it for a next request."""
+    too_big = HTTPError(
+        413,
+        "too_large",
+        f"the request body is over the limit of {max_bytes:,} bytes; send a smaller image or "
+        "start the server with a larger max_bytes",
+        headers={"Connection": "close"},
+    )
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > max_bytes:
         raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
@@ -306,8 +324,7 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
         if body.startswith(b"--", pos):  # the close delimiter: no more parts
             break
         end = body.find(delimiter, pos)
-        if end < 0:
-            raise HTTPError(400, "bad_multipart", _NO_DELIMITER)
+        end = len(body) if end < 0 else end  # no close delimiter: the part runs to the end
         headers, content = _split_part(body[pos:end])
         name = headers.get_param("name", header="content-disposition")
         filename = headers.get_filename()
@@ -367,15 +384,17 @@ def _param(header_value: str, name: str) -> str | None:
 
 
 # -- errors -------------------------------------------------------------------------------------
-def error_response(status: int, reason: str, message: str, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     body = {"error": reason, "message": message, "status": status, **extra}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _refused(_: Request, e: HTTPError) -> JSONResponse:
-        return error_response(e.status, e.reason, e.message, **e.extra)
+        return error_response(e.status, e.reason, e.message, e.headers, **e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

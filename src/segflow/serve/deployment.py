@@ -73,13 +73,7 @@ def serve(cfg: ServeConfig) -> ServeResult:
     gpus = gpus_per_task(cfg.gpus_per_replica, resources)
     cpus = cfg.cpus_per_replica or max(1, int(resources.get("CPU", 1)) // cfg.replicas)
     _check_resources(cfg.replicas, gpus, cpus, resources, local)
-    from starlette.middleware import Middleware
-
-    from segflow.serve.limits import BodyLimit
-
-    # the byte limit runs in Serve's proxy: it must refuse a body before the proxy queues it
-    limit = Middleware(BodyLimit, max_bytes=cfg.max_bytes)
-    ray_serve.start(http_options={"host": cfg.host, "port": cfg.port, "middlewares": [limit]})
+    ray_serve.start(http_options={"host": cfg.host, "port": cfg.port})
     deployment = SegmentDeployment.options(
         num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus}
     )
