@@ -253,12 +253,24 @@ def predict(
 
     _setup_logging(as_json)
     cfg = PredictConfig.load(
-        config, models=models, out=out, dataset=dataset, source=source, layout=layout,
-        folds=folds, tta=tta, threshold=threshold, postprocess=postprocess,
-        save_probabilities=save_probabilities, executor=executor, ray_address=ray_address,
-        gpus_per_worker=gpus_per_worker, batch_size=batch_size, shard_size=shard_size,
+        config,
+        models=models,
+        out=out,
+        dataset=dataset,
+        source=source,
+        layout=layout,
+        folds=folds,
+        tta=tta,
+        threshold=threshold,
+        postprocess=postprocess,
+        save_probabilities=save_probabilities,
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
+        batch_size=batch_size,
+        shard_size=shard_size,
         storage=_storage(endpoint_url),
-    )  # fmt: skip
+    )
     result = run_predict(cfg, progress=None if as_json else _progress_bar())
     human = (
         f"\n{result.n_images} masks in {result.out}/masks ({result.shards_run} of "
@@ -368,11 +380,21 @@ def crops(
 
     _setup_logging(as_json)
     cfg = CropsConfig.load(
-        config, predictions=predictions, source=source, out=out, layout=layout, mode=mode,
-        margin=margin, background=background, format=format, quality=quality,
-        min_area_frac=min_area_frac, dask_address=dask_address, workers=workers,
+        config,
+        predictions=predictions,
+        source=source,
+        out=out,
+        layout=layout,
+        mode=mode,
+        margin=margin,
+        background=background,
+        format=format,
+        quality=quality,
+        min_area_frac=min_area_frac,
+        dask_address=dask_address,
+        workers=workers,
         storage=_storage(endpoint_url),
-    )  # fmt: skip
+    )
     r = make_crops(cfg)
     human = (
         f"crops of {r.n_ok} images in {r.out} ({r.n_empty} empty, {r.n_error} errors; "
@@ -402,10 +424,18 @@ def serve(
 
     _setup_logging(as_json)
     cfg = ServeConfig.load(
-        config, models=models, version=version, tta=tta, host=host, port=port,
-        ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
-        max_pixels=max_pixels, storage=_storage(endpoint_url),
-    )  # fmt: skip
+        config,
+        models=models,
+        version=version,
+        tta=tta,
+        host=host,
+        port=port,
+        ray_address=ray_address,
+        replicas=replicas,
+        gpus_per_replica=gpus_per_replica,
+        max_pixels=max_pixels,
+        storage=_storage(endpoint_url),
+    )
 
     def ready(r) -> None:
         human = (
