@@ -18,11 +18,11 @@ The first HTTP mask is checked pixel for pixel against the in-process one.
 
 Then the junk case (``--junk-clients``, default 4): that many clients at once each send
 ``--junk-mib`` (64) MiB of random bytes as ``image/jpeg`` to a server with the default byte
-limit (64 MiB): half with a declared Content-Length of one byte over the limit (refused
-before any read), half chunked with no length and four times the limit (counted and cut at
-the limit). Meanwhile ``/healthz`` is polled every 20 ms and the RSS of Ray Serve's HTTP
-proxy process is sampled every 10 ms. Reported: the proxy's RSS growth (peak - before; bar
-< 200 MB) and the ``/healthz`` p50/p99 under that load (bar p99 < 100 ms).
+limit (64 MiB): half with a declared Content-Length (one byte over the limit, refused before
+any read), half chunked with no length and four times as long (refused on its first bytes,
+which are no image signature). Meanwhile ``/healthz`` is polled every 20 ms and the RSS of
+Ray Serve's HTTP proxy process is sampled every 10 ms. Reported: the proxy's RSS growth (peak
+- before; bar < 200 MB) and the ``/healthz`` p50/p99 under that load (bar p99 < 100 ms).
 
     python benchmarks/serve.py [--clients 4] [--requests 8] [--models URL] [--json]
 """
@@ -193,9 +193,8 @@ def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
 
     def send(c: int) -> int:
         headers = {"Content-Type": "image/jpeg"}
-        if c % 2 == 0:  # declared: one byte over the limit
-            body = junk[: max_bytes + 1] if len(junk) > max_bytes else junk
-            content: object = body
+        if c % 2 == 0:  # declared, and over the limit when the junk is as large as the limit
+            content: object = junk + b"\0" if len(junk) == max_bytes else junk
         else:  # chunked, no length: four times the junk, cut by the server at the limit
 
             def chunks():

@@ -274,14 +274,20 @@ def test_bodies_over_the_byte_limit_are_refused_before_they_are_read(server):
 
     sent = 0
 
-    def chunks():  # no Content-Length: the server counts, and stops at the limit
+    def chunks(head: bytes):  # no Content-Length: the server counts, and stops at the limit
         nonlocal sent
+        yield head
         for _ in range(64):
             sent += 65_536
             yield b"\0" * 65_536
 
-    streamed = client.post("/v1/segment", content=chunks(), headers=jpeg)
+    streamed = client.post("/v1/segment", content=chunks(b"\xff\xd8\xff\xe0" * 4), headers=jpeg)
     _error(streamed, 413, "too_large")
+    # junk that does not start like an image is refused on its first bytes
+    junk = _error(
+        client.post("/v1/segment", content=chunks(b"junk" * 4), headers=jpeg), 400, "unreadable"
+    )
+    assert "6a 75 6e 6b" in junk["message"]
     assert client.get("/healthz").status_code == 200
 
 

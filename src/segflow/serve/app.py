@@ -33,6 +33,20 @@ log = logging.getLogger("segflow.serve")
 VERSION_HEADER = "X-Model-Version"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 _SEND_IMAGE = "send a JPEG, PNG, TIFF or BMP"
+#: the first bytes of the formats the server decodes (segflow.imaging.IMAGE_SUFFIXES; WebP's
+#: RIFF....WEBP is checked apart)
+_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"II*\x00",  # TIFF, little- and big-endian, and BigTIFF
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"BM",
+    b"GIF87a",
+    b"GIF89a",
+)
+_SNIFF_BYTES = 12
 #: a multipart body holds one file; a few more parts (form fields) are tolerated
 MAX_PARTS = 16
 
@@ -252,7 +266,7 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
             "Content-Type: image/<type> (curl --data-binary @x.jpg -H 'Content-Type: "
             "image/jpeg') or a multipart/form-data upload with a file field (curl -F file=@x.jpg)",
         )
-    body = await _read_body(request, max_bytes)
+    body = await _read_body(request, max_bytes, sniff=kind != "multipart/form-data")
     if kind == "multipart/form-data":
         # off the event loop: a body of many tiny parts must not stall other requests
         data, filename = await run_in_threadpool(parse_multipart, body, ctype)
@@ -264,7 +278,7 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
     return data, _decoder_name(name, data)
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, sniff: bool = False) -> bytes:
     """The body, refused (413) by its declared length before any byte is read, else as soon
     as the bytes counted so far pass the limit.
 
@@ -272,7 +286,8 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     replica asks for it: the sooner the answer, the less it queues. So the answer comes
     before any read when the length is declared, the stream is pulled without a pause while
     counted, and a 413 says ``Connection: close``: the proxy stops reading the rest of the
-    body instead of draining it for a next request."""
+    body instead of draining it for a next request. With ``sniff``, a body whose first bytes
+    are no image signature is refused (400) as soon as they arrive."""
     too_big = HTTPError(
         413,
         "too_large",
@@ -283,13 +298,33 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_big
-    chunks, size = [], 0
+    chunks, size, sniffed = [], 0, not sniff
     async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
         size += len(chunk)
         if size > max_bytes:
             raise too_big
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not sniffed and size >= _SNIFF_BYTES:
+            _check_signature(b"".join(chunks)[:_SNIFF_BYTES])
+            sniffed = True
+    body = b"".join(chunks)
+    if not sniffed and body:
+        _check_signature(body)
+    return body
+
+
+def _check_signature(head: bytes) -> None:
+    """Refuse a raw body that does not start like an image the server decodes, before the
+    rest of it is read: junk costs the server its first bytes, not its whole length."""
+    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return
+    raise HTTPError(
+        400,
+        "unreadable",
+        f"the body does not start like a JPEG, PNG, TIFF, BMP, GIF or WebP image (first bytes "
+        f"{head[:8].hex(' ')}); {_SEND_IMAGE}",
+        headers={"Connection": "close"},
+    )
 
 
 def _decoder_name(name: str, data: bytes) -> str:
