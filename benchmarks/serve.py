@@ -165,7 +165,24 @@ def proxy_process():
     raise RuntimeError("no Ray Serve proxy process among this process's descendants")
 
 
+# /healthz polled from its own process: a prober thread here would also time this process's
+# upload threads (the GIL), not only the server
+_PROBE = """
+import json, os, sys, time
+import httpx
+url, stop, out = sys.argv[1], sys.argv[2], []
+with httpx.Client(base_url=url, timeout=30) as c:
+    while not os.path.exists(stop):
+        t0 = time.monotonic()
+        c.get("/healthz").raise_for_status()
+        out.append((t0, time.monotonic() - t0))
+        time.sleep(0.02)
+print(json.dumps(out))
+"""
+
+
 def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
+    import subprocess
     import threading
 
     import httpx
@@ -174,27 +191,23 @@ def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
     rss_before = proxy.memory_info().rss
     stop = threading.Event()
     rss: list[int] = []
-    health: list[tuple[float, float]] = []  # (sent at, seconds)
+    stop_file = Path(tempfile.mkdtemp(prefix="segflow-bench-probe-")) / "stop"
+    prober = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, url, str(stop_file)], stdout=subprocess.PIPE, text=True
+    )
 
     def sample() -> None:
         while not stop.is_set():
             rss.append(proxy.memory_info().rss)
             time.sleep(0.01)
 
-    def probe() -> None:
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                c.get("/healthz").raise_for_status()
-                health.append((t0, time.perf_counter() - t0))
-                time.sleep(0.02)
-
     junk = np.random.default_rng(SEED).integers(0, 256, mib * 2**20, dtype=np.uint8).tobytes()
+    declared = junk + b"\0" if len(junk) == max_bytes else junk
 
     def send(c: int) -> int:
         headers = {"Content-Type": "image/jpeg"}
         if c % 2 == 0:  # declared, and over the limit when the junk is as large as the limit
-            content: object = junk + b"\0" if len(junk) == max_bytes else junk
+            content: object = declared
         else:  # chunked, no length: four times the junk, cut by the server at the limit
 
             def chunks():
@@ -209,18 +222,18 @@ def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
         except httpx.HTTPError:  # the server closed the connection mid-upload
             return 0
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (sample, probe)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)  # a baseline of health checks: the machine may be busy without junk
-    t0 = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    time.sleep(3.0)  # a baseline of health checks: the machine may be busy without junk
+    t0, started = time.monotonic(), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         statuses = list(pool.map(send, range(clients)))
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - started
     time.sleep(0.5)
     stop.set()
-    for t in threads:
-        t.join()
+    sampler.join()
+    stop_file.touch()
+    health = json.loads(prober.communicate(timeout=60)[0])
     ms = np.asarray([s for at, s in health if at >= t0]) * 1000
     base = np.asarray([s for at, s in health if at < t0]) * 1000
     return {
