@@ -99,7 +99,12 @@ def time_segflow(preds: Path, source: Path, n: int, fmt: str) -> float:
 
     with tempfile.TemporaryDirectory(prefix="segflow-bench-crops-") as tmp:
         cfg = CropsConfig(
-            predictions=str(preds), source=str(source), out=tmp, mode="masked", format=fmt
+            predictions=str(preds),
+            source=str(source),
+            out=tmp,
+            mode="masked",
+            format=fmt,
+            layout="isic",
         )
         t0 = time.perf_counter()
         result = make_crops(cfg)

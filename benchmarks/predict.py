@@ -60,10 +60,16 @@ def build_models(root: Path, args: argparse.Namespace) -> str:
     ingest(IngestConfig(layout="isic", source=str(raw), dataset=dataset, size=tuple(args.size)))
     result = train(
         TrainConfig(
-            dataset=dataset, models=models, folds=args.folds, epochs=1, encoder=args.encoder,
-            batch_size=8, executor="inline", early_stopping=None,
+            dataset=dataset,
+            models=models,
+            folds=args.folds,
+            epochs=1,
+            encoder=args.encoder,
+            batch_size=8,
+            executor="inline",
+            early_stopping=None,
         )
-    )  # fmt: skip
+    )
     if not result.ok:
         raise RuntimeError(f"training failed: {result.to_dict()}")
     return models
@@ -120,9 +126,16 @@ def run_segflow(models: str, source: Path, out: Path, args: argparse.Namespace) 
     from segflow.predict.run import predict
 
     cfg = PredictConfig(
-        models=models, source=str(source), out=str(out), layout="isic", tta=args.tta,
-        threshold=THRESHOLD, postprocess="none", executor="inline", batch_size=args.batch_size,
-    )  # fmt: skip
+        models=models,
+        source=str(source),
+        out=str(out),
+        layout="isic",
+        tta=args.tta,
+        threshold=THRESHOLD,
+        postprocess="none",
+        executor="inline",
+        batch_size=args.batch_size,
+    )
     t0 = time.perf_counter()
     result = predict(cfg)
     seconds = time.perf_counter() - t0
@@ -213,8 +226,11 @@ def measure(models: str, files: list[Path], tmp: Path, args) -> dict[str, list[T
         for name, fn in ways.items():
             t = fn()
             runs[name].append(t)
-            print(f"  repeat {r + 1}/{args.repeats} {name:10}: {t.ips:8.2f} img/s "
-                  f"({t.images} images in {t.seconds:.1f}s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"  repeat {r + 1}/{args.repeats} {name:10}: {t.ips:8.2f} img/s "
+                f"({t.images} images in {t.seconds:.1f}s)",
+                file=sys.stderr,
+            )
     return runs
 
 
@@ -237,17 +253,33 @@ def memory_child(models: str, source: str, out: str, tta: str, folds: str, shard
 
     base = vm_hwm_bytes()
     cfg = PredictConfig(
-        models=models, source=source, out=out, layout="isic", tta=tta, folds=folds,
-        threshold=THRESHOLD, postprocess="none", executor="inline", shard_size=shard,
-    )  # fmt: skip
+        models=models,
+        source=source,
+        out=out,
+        layout="isic",
+        tta=tta,
+        folds=folds,
+        threshold=THRESHOLD,
+        postprocess="none",
+        executor="inline",
+        shard_size=shard,
+    )
     t0 = time.perf_counter()
     result = predict(cfg)
     seconds = time.perf_counter() - t0
-    print(json.dumps({
-        "images": result.n_images, "errors": result.n_errors, "shards": result.n_shards,
-        "seconds": round(seconds, 2), "images_per_s": round(result.n_images / seconds, 2),
-        "peak_rss_bytes": vm_hwm_bytes(), "baseline_rss_bytes": base,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "images": result.n_images,
+                "errors": result.n_errors,
+                "shards": result.n_shards,
+                "seconds": round(seconds, 2),
+                "images_per_s": round(result.n_images / seconds, 2),
+                "peak_rss_bytes": vm_hwm_bytes(),
+                "baseline_rss_bytes": base,
+            }
+        )
+    )
 
 
 def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
@@ -257,16 +289,30 @@ def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
     made = time.perf_counter() - t0
     print(f"  memory: {args.memory} 64x48 JPEGs written in {made:.1f}s", file=sys.stderr)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--memory-child", models, str(source),
-        str(tmp / "small-out"), args.memory_tta, args.memory_folds, str(args.memory_shard),
-    ]  # fmt: skip
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        models,
+        str(source),
+        str(tmp / "small-out"),
+        args.memory_tta,
+        args.memory_folds,
+        str(args.memory_shard),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     ok = rep["peak_rss_bytes"] < TARGET_RSS_BYTES and not rep["errors"]
-    rep.update({"n": args.memory, "tta": args.memory_tta, "folds": args.memory_folds,
-                "shard_size": args.memory_shard, "pass": ok})  # fmt: skip
+    rep.update(
+        {
+            "n": args.memory,
+            "tta": args.memory_tta,
+            "folds": args.memory_folds,
+            "shard_size": args.memory_shard,
+            "pass": ok,
+        }
+    )
     return rep
 
 
@@ -293,28 +339,41 @@ def make_report(runs: dict[str, list[Timed]], info: dict) -> dict:
 
 def print_report(rep: dict) -> None:
     h, w = rep["size"]
-    print(f"predict: Unet {rep['encoder']} {h}x{w}, {len(rep['folds'])} folds x tta "
-          f"{rep['tta']}, batch {rep['batch_size']}, best of {rep['repeats']}")  # fmt: skip
-    print(f"inputs: {rep['n_inputs']} JPEGs ({rep['n_files']} files x {rep['replicate']}), "
-          f"{rep['min_pixels']}..{rep['max_pixels']} pixels, {rep['source']}")  # fmt: skip
-    print(f"device: {rep['device']}, torch threads: {rep['torch_threads']}, "
-          f"cpus: {rep['cpus']}")  # fmt: skip
-    labels = {"segflow": "segflow (end to end)", "naive": "naive loop",
-              "model_only": "model-only (bound)"}  # fmt: skip
+    print(
+        f"predict: Unet {rep['encoder']} {h}x{w}, {len(rep['folds'])} folds x tta "
+        f"{rep['tta']}, batch {rep['batch_size']}, best of {rep['repeats']}"
+    )
+    print(
+        f"inputs: {rep['n_inputs']} JPEGs ({rep['n_files']} files x {rep['replicate']}), "
+        f"{rep['min_pixels']}..{rep['max_pixels']} pixels, {rep['source']}"
+    )
+    print(f"device: {rep['device']}, torch threads: {rep['torch_threads']}, cpus: {rep['cpus']}")
+    labels = {
+        "segflow": "segflow (end to end)",
+        "naive": "naive loop",
+        "model_only": "model-only (bound)",
+    }
     for k, label in labels.items():
         print(f"{label:24}{rep['images_per_s'][k]:10.2f} img/s  ({rep['seconds'][k]:.1f}s)")
-    print(_verdict("segflow / model-only", f"{rep['segflow_over_model_only']:.3f}",
-                   f">= {TARGET_MODEL_RATIO}", rep["pass_model_ratio"]))  # fmt: skip
-    print(_verdict("segflow / naive", f"{rep['segflow_over_naive']:.3f}", "> 1",
-                   rep["pass_naive"]))  # fmt: skip
+    print(
+        _verdict(
+            "segflow / model-only",
+            f"{rep['segflow_over_model_only']:.3f}",
+            f">= {TARGET_MODEL_RATIO}",
+            rep["pass_model_ratio"],
+        )
+    )
+    print(_verdict("segflow / naive", f"{rep['segflow_over_naive']:.3f}", "> 1", rep["pass_naive"]))
 
 
 def print_memory(mem: dict) -> None:
     gib = mem["peak_rss_bytes"] / 1024**3
-    print(f"memory: {mem['images']} of {mem['n']} 64x48 JPEGs, folds {mem['folds']} x tta "
-          f"{mem['tta']}, shard {mem['shard_size']}: {mem['images_per_s']:.1f} img/s "
-          f"({mem['seconds']:.1f}s), baseline RSS "
-          f"{mem['baseline_rss_bytes'] / 1024**2:.0f} MiB")  # fmt: skip
+    print(
+        f"memory: {mem['images']} of {mem['n']} 64x48 JPEGs, folds {mem['folds']} x tta "
+        f"{mem['tta']}, shard {mem['shard_size']}: {mem['images_per_s']:.1f} img/s "
+        f"({mem['seconds']:.1f}s), baseline RSS "
+        f"{mem['baseline_rss_bytes'] / 1024**2:.0f} MiB"
+    )
     print(_verdict("peak RSS (VmHWM)", f"{gib:.3f} GiB", "< 2 GiB", mem["pass"]))
 
 
@@ -326,8 +385,14 @@ def _verdict(label: str, value: str, target: str, ok: bool) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help="URL of trained models to reuse (default: train a tiny set)")
-    p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"),
-                   help="ingest/model size of the tiny ensemble")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(256, 256),
+        metavar=("H", "W"),
+        help="ingest/model size of the tiny ensemble",
+    )
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--folds", type=int, default=2, help="folds of the tiny ensemble")
     p.add_argument("--train-n", type=int, default=32, help="demo images to train on")
@@ -337,8 +402,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per way; best is kept")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--memory", type=int, default=0, help="peak RSS over N small images")
-    p.add_argument("--memory-tta", default="none", choices=("none", "flips", "d4"),
-                   help="TTA of the memory run (default none: it is about memory)")  # fmt: skip
+    p.add_argument(
+        "--memory-tta",
+        default="none",
+        choices=("none", "flips", "d4"),
+        help="TTA of the memory run (default none: it is about memory)",
+    )
     p.add_argument("--memory-folds", default="0", help="folds of the memory run ('all' or 0,1)")
     p.add_argument("--memory-shard", type=int, default=64, help="shard size of the memory run")
     p.add_argument("--skip-speed", action="store_true", help="only the --memory measurement")
@@ -361,9 +430,14 @@ def input_info(files: list[Path], args: argparse.Namespace) -> dict:
     for f in files:
         with Image.open(f) as im:
             pixels.append(im.width * im.height)
-    return {"n_files": len(files), "n_inputs": len(files) * args.replicate,
-            "replicate": args.replicate, "min_pixels": min(pixels), "max_pixels": max(pixels),
-            "source": str(FULLRES)}  # fmt: skip
+    return {
+        "n_files": len(files),
+        "n_inputs": len(files) * args.replicate,
+        "replicate": args.replicate,
+        "min_pixels": min(pixels),
+        "max_pixels": max(pixels),
+        "source": str(FULLRES),
+    }
 
 
 def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
@@ -372,21 +446,32 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     from segflow.storage import Store
     from segflow.train.model import load_spec
 
-    rep: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu",
-                 "cpus": len(os.sched_getaffinity(0))}  # fmt: skip
+    rep: dict = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": len(os.sched_getaffinity(0)),
+    }
     models = args.models
     if models is None:
         t0 = time.perf_counter()
         models = build_models(tmp, args)
-        print(f"  models: tiny ensemble trained in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"  models: tiny ensemble trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr
+        )
     from segflow.predict.ensemble import finished_folds
 
     folds = finished_folds(Store(models))
     spec = load_spec(Store(models).child(f"fold-{folds[0]}"))
-    rep.update({"models": args.models or "tiny ensemble (temporary)", "folds": folds,
-                "encoder": spec.encoder, "size": list(spec.input_size), "tta": args.tta,
-                "batch_size": args.batch_size, "repeats": args.repeats})  # fmt: skip
+    rep.update(
+        {
+            "models": args.models or "tiny ensemble (temporary)",
+            "folds": folds,
+            "encoder": spec.encoder,
+            "size": list(spec.input_size),
+            "tta": args.tta,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+        }
+    )
     files = fullres_files()
     if args.skip_speed:
         rep["speed"] = "skipped (--skip-speed)"

@@ -16,6 +16,14 @@ bound to 127.0.0.1). Three ways, each a bounded load over the same files, round 
 Reported: requests/s, client-side p50/p99 latency, and the ratios to the in-process floor.
 The first HTTP mask is checked pixel for pixel against the in-process one.
 
+Then the junk case (``--junk-clients``, default 4): that many clients at once each send
+``--junk-mib`` (64) MiB of random bytes as ``image/jpeg`` to a server with the default byte
+limit (64 MiB): half with a declared Content-Length (one byte over the limit, refused before
+any read), half chunked with no length and four times as long (refused on its first bytes,
+which are no image signature). Meanwhile ``/healthz`` is polled every 20 ms and the RSS of
+Ray Serve's HTTP proxy process is sampled every 10 ms. Reported: the proxy's RSS growth (peak
+- before; bar < 200 MB) and the ``/healthz`` p50/p99 under that load (bar p99 < 100 ms).
+
     python benchmarks/serve.py [--clients 4] [--requests 8] [--models URL] [--json]
 """
 
@@ -79,9 +87,14 @@ class Load:
         return float(np.percentile(np.asarray(self.latencies) * 1000, q))
 
     def row(self) -> dict:
-        return {"clients": self.clients, "requests": len(self.latencies),
-                "requests_per_s": round(self.rps, 3), "p50_ms": round(self.ms(50), 1),
-                "p99_ms": round(self.ms(99), 1), "seconds": round(self.seconds, 2)}  # fmt: skip
+        return {
+            "clients": self.clients,
+            "requests": len(self.latencies),
+            "requests_per_s": round(self.rps, 3),
+            "p50_ms": round(self.ms(50), 1),
+            "p99_ms": round(self.ms(99), 1),
+            "seconds": round(self.seconds, 2),
+        }
 
 
 def run_load(call, inputs: list[bytes], clients: int, per_client: int) -> Load:
@@ -122,8 +135,9 @@ def http_call(url: str, server_ms: list[float]):
     def call(data: bytes) -> dict:
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=300)
-        resp = local.client.post("/v1/segment", content=data,
-                                 headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        resp = local.client.post(
+            "/v1/segment", content=data, headers={"Content-Type": "image/jpeg"}
+        )
         resp.raise_for_status()
         body = resp.json()
         server_ms.append(body["latency_ms"])
@@ -139,6 +153,106 @@ def same_mask(http_body: dict, png: bytes) -> bool:
     return bool(np.array_equal(served, np.asarray(Image.open(io.BytesIO(png)))))
 
 
+# -- junk: bodies the server refuses, and what they cost it ---------------------------------------
+def proxy_process():
+    """Ray Serve's HTTP proxy started by this driver (a descendant of this process)."""
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ProxyActor" in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    raise RuntimeError("no Ray Serve proxy process among this process's descendants")
+
+
+# /healthz polled from its own process: a prober thread here would also time this process's
+# upload threads (the GIL), not only the server
+_PROBE = """
+import json, os, sys, time
+import httpx
+url, stop, out = sys.argv[1], sys.argv[2], []
+with httpx.Client(base_url=url, timeout=30) as c:
+    while not os.path.exists(stop):
+        t0 = time.monotonic()
+        c.get("/healthz").raise_for_status()
+        out.append((t0, time.monotonic() - t0))
+        time.sleep(0.02)
+print(json.dumps(out))
+"""
+
+
+def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
+    import subprocess
+    import threading
+
+    import httpx
+
+    proxy = proxy_process()
+    rss_before = proxy.memory_info().rss
+    stop = threading.Event()
+    rss: list[int] = []
+    stop_file = Path(tempfile.mkdtemp(prefix="segflow-bench-probe-")) / "stop"
+    prober = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, url, str(stop_file)], stdout=subprocess.PIPE, text=True
+    )
+
+    def sample() -> None:
+        while not stop.is_set():
+            rss.append(proxy.memory_info().rss)
+            time.sleep(0.01)
+
+    junk = np.random.default_rng(SEED).integers(0, 256, mib * 2**20, dtype=np.uint8).tobytes()
+    declared = junk + b"\0" if len(junk) == max_bytes else junk
+
+    def send(c: int) -> int:
+        headers = {"Content-Type": "image/jpeg"}
+        if c % 2 == 0:  # declared, and over the limit when the junk is as large as the limit
+            content: object = declared
+        else:  # chunked, no length: four times the junk, cut by the server at the limit
+
+            def chunks():
+                for _ in range(4):
+                    for i in range(0, len(junk), 2**20):
+                        yield junk[i : i + 2**20]
+
+            content = chunks()
+        try:
+            with httpx.Client(base_url=url, timeout=120) as client:
+                return client.post("/v1/segment", content=content, headers=headers).status_code
+        except httpx.HTTPError:  # the server closed the connection mid-upload
+            return 0
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    time.sleep(3.0)  # a baseline of health checks: the machine may be busy without junk
+    t0, started = time.monotonic(), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(send, range(clients)))
+    seconds = time.perf_counter() - started
+    time.sleep(0.5)
+    stop.set()
+    sampler.join()
+    stop_file.touch()
+    health = json.loads(prober.communicate(timeout=60)[0])
+    ms = np.asarray([s for at, s in health if at >= t0]) * 1000
+    base = np.asarray([s for at, s in health if at < t0]) * 1000
+    return {
+        "healthz_baseline_p50_ms": round(float(np.percentile(base, 50)), 1),
+        "healthz_baseline_p99_ms": round(float(np.percentile(base, 99)), 1),
+        "clients": clients,
+        "mib": mib,
+        "statuses": statuses,
+        "seconds": round(seconds, 2),
+        "proxy_rss_before_mb": round(rss_before / 2**20, 1),
+        "proxy_rss_growth_mb": round((max(rss) - rss_before) / 2**20, 1),
+        "healthz_n": len(ms),
+        "healthz_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "healthz_p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
 # -- main -----------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -152,17 +266,21 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
 
     from segflow.predict.ensemble import load_ensemble
     from segflow.serve import ServeConfig
+    from segflow.serve.config import DEFAULT_MAX_BYTES
     from segflow.serve.deployment import serve, stop
     from segflow.storage import Store
 
     cpus = len(os.sched_getaffinity(0))
     models = args.models or build_models(tmp, args)
     inputs, source = load_inputs(args)
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)  # fmt: skip
-    started = serve(ServeConfig(models=models, port=_free_port(), tta=args.tta,
-                                max_pixels=10**9, max_bytes=2**30))  # fmt: skip
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # the default byte limit (64 MiB): the full-resolution JPEGs are a few MB each
+    started = serve(ServeConfig(models=models, port=_free_port(), tta=args.tta, max_pixels=10**9))
     try:
+        if args.junk_only:
+            return {
+                "junk": junk_load(started.url, args.junk_clients, args.junk_mib, DEFAULT_MAX_BYTES)
+            }
         ensemble = load_ensemble(Store(models), None)
         torch.set_num_threads(started.cpus_per_replica)  # the replica's thread count
         local = in_process_call(ensemble, started.threshold, started.postprocess, args)
@@ -178,22 +296,30 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         }
         single_ms = list(server_ms)
         loads["http_n"] = run_load(remote, inputs, args.clients, args.requests)
+        junk = junk_load(started.url, args.junk_clients, args.junk_mib, DEFAULT_MAX_BYTES)
     finally:
         stop()
         ray.shutdown()
     floor = loads["in_process"]
     return {
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpus": cpus,
-        "source": source, "n_files": len(inputs),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": cpus,
+        "source": source,
+        "n_files": len(inputs),
         "pixels": [min(_pixels(d) for d in inputs), max(_pixels(d) for d in inputs)],
-        "tta": args.tta, "folds": ensemble.folds, "encoder": ensemble.spec.encoder,
-        "frame": list(ensemble.spec.dataset_size), "replicas": 1,
-        "torch_threads": started.cpus_per_replica, "same_mask": check,
+        "tta": args.tta,
+        "folds": ensemble.folds,
+        "encoder": ensemble.spec.encoder,
+        "frame": list(ensemble.spec.dataset_size),
+        "replicas": 1,
+        "torch_threads": started.cpus_per_replica,
+        "same_mask": check,
         "loads": {k: v.row() for k, v in loads.items()},
         "server_p50_ms": round(float(np.median(single_ms)), 1),
         "http_1_over_in_process": round(loads["http_1"].rps / floor.rps, 3),
         "http_n_over_in_process": round(loads["http_n"].rps / floor.rps, 3),
-    }  # fmt: skip
+        "junk": junk,
+    }
 
 
 def _pixels(data: bytes) -> int:
@@ -204,23 +330,48 @@ def _pixels(data: bytes) -> int:
 
 
 def print_report(rep: dict) -> None:
+    if "loads" in rep:
+        print_speed(rep)
+    j = rep["junk"]
+    print(
+        f"junk: {j['clients']} clients x {j['mib']} MiB at once (statuses {j['statuses']}, "
+        f"{j['seconds']:.1f}s): proxy RSS {j['proxy_rss_before_mb']:.0f} MB + "
+        f"{j['proxy_rss_growth_mb']:.0f} MB (bar < 200); /healthz p50 {j['healthz_p50_ms']:.1f} "
+        f"ms, p99 {j['healthz_p99_ms']:.1f} ms over {j['healthz_n']} checks (bar p99 < 100; "
+        f"before the junk: p50 {j['healthz_baseline_p50_ms']:.1f}, p99 "
+        f"{j['healthz_baseline_p99_ms']:.1f} ms)"
+    )
+
+
+def print_speed(rep: dict) -> None:
     h, w = rep["frame"]
-    print(f"serve: Unet {rep['encoder']} {h}x{w}, {len(rep['folds'])} folds x tta {rep['tta']}, "
-          f"1 replica, torch threads {rep['torch_threads']}, {rep['device']}, "
-          f"{rep['cpus']} cpus")  # fmt: skip
-    print(f"inputs: {rep['n_files']} JPEGs, {rep['pixels'][0]:,}..{rep['pixels'][1]:,} pixels, "
-          f"{rep['source']}")  # fmt: skip
+    print(
+        f"serve: Unet {rep['encoder']} {h}x{w}, {len(rep['folds'])} folds x tta {rep['tta']}, "
+        f"1 replica, torch threads {rep['torch_threads']}, {rep['device']}, "
+        f"{rep['cpus']} cpus"
+    )
+    print(
+        f"inputs: {rep['n_files']} JPEGs, {rep['pixels'][0]:,}..{rep['pixels'][1]:,} pixels, "
+        f"{rep['source']}"
+    )
     print(f"{'way':34}{'clients':>8}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
-    labels = {"in_process": "in-process segment_bytes + PNG", "http_1": "HTTP POST /v1/segment",
-              "http_n": "HTTP POST /v1/segment"}  # fmt: skip
+    labels = {
+        "in_process": "in-process segment_bytes + PNG",
+        "http_1": "HTTP POST /v1/segment",
+        "http_n": "HTTP POST /v1/segment",
+    }
     for key, label in labels.items():
         r = rep["loads"][key]
-        print(f"{label:34}{r['clients']:>8}{r['requests']:>9}{r['requests_per_s']:>9.2f}"
-              f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}")  # fmt: skip
-    print(f"HTTP (1 client) / in-process req/s: {rep['http_1_over_in_process']:.3f}; "
-          f"HTTP ({rep['loads']['http_n']['clients']} clients) / in-process: "
-          f"{rep['http_n_over_in_process']:.3f}; server-side p50 (1 client) "
-          f"{rep['server_p50_ms']:.1f} ms; same mask: {rep['same_mask']}")  # fmt: skip
+        print(
+            f"{label:34}{r['clients']:>8}{r['requests']:>9}{r['requests_per_s']:>9.2f}"
+            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+        )
+    print(
+        f"HTTP (1 client) / in-process req/s: {rep['http_1_over_in_process']:.3f}; "
+        f"HTTP ({rep['loads']['http_n']['clients']} clients) / in-process: "
+        f"{rep['http_n_over_in_process']:.3f}; server-side p50 (1 client) "
+        f"{rep['server_p50_ms']:.1f} ms; same mask: {rep['same_mask']}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -235,6 +386,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--generated", type=int, default=8, help="JPEGs to make without real data")
     p.add_argument("--gen-size", type=int, nargs=2, default=(768, 1024), metavar=("H", "W"))
+    p.add_argument("--junk-clients", type=int, default=4, help="clients sending junk at once")
+    p.add_argument("--junk-mib", type=int, default=64, help="MiB of junk per client")
+    p.add_argument("--junk-only", action="store_true", help="only the junk case")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON line")
     args = p.parse_args(argv)
     for name in ("folds", "train_n", "clients", "requests", "generated"):
@@ -251,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     print_report(rep)
     if args.json:
         print(json.dumps(rep))
-    if not rep["same_mask"]:
+    if not rep.get("same_mask", True):
         sys.exit(1)
 
 

@@ -47,3 +47,25 @@ def test_missing_required_option_is_a_clear_error():
     res = subprocess.run([sys.executable, "-m", "segflow.cli", "evaluate", "--truth", "x"],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert res.returncode == 2 and "evaluate needs --predictions" in res.stderr
+
+
+def test_evaluate_exits_2_when_no_name_matches_and_mask_template_fixes_it(local):
+    pred, truth = local.store("pred"), local.store("truth")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    pred.write_bytes("masks/IMD002.png", png_bytes(mask))  # a `segflow predict` output
+    pred.write_json("predictions.json", {"layout": "folder"})
+    truth.write_bytes("IMD002_lesion.png", png_bytes(mask))  # PH2-style truth names
+    run = [sys.executable, "-m", "segflow.cli", "evaluate", "--predictions", pred.url]
+    res = subprocess.run([*run, "--truth", truth.url], capture_output=True, text=True, check=False)
+    assert res.returncode == 2, res.stdout
+    assert "IMD002_lesion.png" in res.stderr and "IMD002.png" in res.stderr
+    res = subprocess.run(
+        [*run, "--truth", truth.url, "--mask-template", "{stem}_lesion.png", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["mean_dice"] == 1.0
+    assert pred.exists("evaluation.csv") and not pred.exists("masks/evaluation.csv")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -17,14 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.crops import (
-    CropsConfig,
-    expand_box,
-    largest_box,
-    make_crops,
-    masked_crop,
-    paste_back,
-)
+from segflow.crops import CropsConfig, make_crops
+from segflow.errors import InputError
+from segflow.masks import expand_box, largest_box, masked_crop, paste_back
 from segflow.storage import Store
 from tests.makers import jpeg_bytes, png_bytes
 
@@ -131,6 +127,7 @@ def _write_dataset(preds: Store, source: Store, n: int, layout: str = "isic") ->
         else:
             source.write_bytes(f"{image_id}.png", png_bytes(img))
             preds.write_bytes(f"masks/{image_id}.png", png_bytes(mask))
+    preds.write_json("predictions.json", {"layout": layout})  # as `segflow predict` records it
     return arrays
 
 
@@ -177,9 +174,7 @@ def test_run_on_location(location):
 def test_folder_layout_exact_pixels(local):
     preds, source = local.store("preds"), local.store("src")
     arrays = _write_dataset(preds, source, 2, layout="folder")
-    cfg = CropsConfig(
-        predictions=preds.url, source=source.url, out=local.url("out"), layout="folder", margin=0
-    )
+    cfg = CropsConfig(predictions=preds.url, source=source.url, out=local.url("out"), margin=0)
     assert make_crops(cfg).n_ok == 2
     out = local.store("out")
     img, mask = arrays["ISIC_0000001"]
@@ -280,3 +275,52 @@ def test_resume_after_sigkill(local, tmp_path):
     got, want = _snapshot(killed), _snapshot(clean)
     assert sorted(got) == sorted(want)
     assert all(got[k] == want[k] for k in want)
+
+
+def _four_d_tiff() -> bytes:
+    """A TIFF whose first page is 4-D (depth, H, W, RGB): Pillow cannot take it."""
+    import tifffile
+
+    buf = io.BytesIO()
+    arr = np.zeros((2, 40, 56, 3), np.uint8)
+    tifffile.imwrite(buf, arr, photometric="rgb", volumetric=True, tile=(2, 16, 16))
+    return buf.getvalue()
+
+
+def test_undecodable_source_is_an_error_row_and_the_run_goes_on(local):
+    preds, source = local.store("preds"), local.store("src")
+    _write_dataset(preds, source, 3)
+    source.delete("ISIC_0000001.jpg")
+    source.write_bytes("ISIC_0000001.tif", _four_d_tiff())
+    cfg = CropsConfig(predictions=preds.url, source=source.url, out=local.url("out"))
+    for _ in range(2):  # a rerun too: the failure is recorded, not retried into a crash
+        result = make_crops(cfg)
+        assert (result.n_ok, result.n_error) == (2, 1)
+    row = _manifest(local.store("out"))["ISIC_0000001"]
+    assert row["status"] == "error" and row["reason"]
+    assert "ISIC_0000001.tif" in row["detail"]
+
+
+def test_predictions_as_masks_folder_or_plain_folder(local):
+    preds, source = local.store("preds"), local.store("src")
+    _write_dataset(preds, source, 2)  # recorded layout isic
+    # the masks/ folder of a predict run: its record still names the layout
+    via_masks = make_crops(
+        CropsConfig(predictions=preds.uri("masks"), source=source.url, out=local.url("a"))
+    )
+    assert via_masks.n_ok == 2
+    # the record wins over a --layout that contradicts it
+    recorded = make_crops(
+        CropsConfig(predictions=preds.url, source=source.url, out=local.url("b"), layout="folder")
+    )
+    assert recorded.n_ok == 2
+    # a plain folder of masks, no record: --layout names them (default folder: <id>.png)
+    plain = local.store("plain")
+    for f in preds.list("masks"):
+        plain.write_bytes(posixpath.basename(f.rel), preds.read_bytes(f.rel))
+    unnamed = make_crops(CropsConfig(predictions=plain.url, source=source.url, out=local.url("c")))
+    assert unnamed.errors_by_reason == {"missing_image": 2}  # ids ISIC_..._segmentation
+    with pytest.raises(InputError, match="masks at"):
+        make_crops(CropsConfig(predictions=source.url, source=source.url, out=local.url("e")))
+    named = CropsConfig(predictions=plain.url, source=source.url, out=local.url("d"), layout="isic")
+    assert make_crops(named).n_ok == 2

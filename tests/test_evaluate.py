@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from segflow.errors import ConfigError, InputError
 from segflow.evaluate import evaluate, list_masks, sort_ids
@@ -56,7 +57,7 @@ def test_hand_worked_scores(local):
     truth, preds = local.store("truth"), local.store("preds")
     write_isic(truth, preds, CASES)
 
-    res = evaluate(preds.url, truth.url, workers=2)
+    res = evaluate(preds.url, truth.url, "isic", workers=2)
 
     rows = read_rows(preds)
     assert list(rows) == ["ISIC_1", "ISIC_2", "ISIC_3", "ISIC_4"]
@@ -87,7 +88,7 @@ def test_confusion_counts_percent_and_recall(local):
     truth, preds = local.store("truth"), local.store("preds")
     write_isic(truth, preds, CASES)
 
-    c = evaluate(preds.url, truth.url).confusion
+    c = evaluate(preds.url, truth.url, "isic").confusion
 
     # summed over the four images above: 4 * 64 = 256 pixels
     assert (c["tp"], c["fp"], c["fn"], c["tn"]) == (28, 4, 20, 204)
@@ -102,7 +103,7 @@ def test_summary_json_matches_result(local):
     truth, preds = local.store("truth"), local.store("preds")
     write_isic(truth, preds, CASES)
 
-    res = evaluate(preds.url, truth.url)
+    res = evaluate(preds.url, truth.url, "isic")
 
     summary = preds.read_json("evaluation.json")
     assert summary["layout"] == "isic" and summary["truth"] == truth.url
@@ -120,7 +121,7 @@ def test_half_resolution_prediction_is_resized_to_truth(local):
     put(truth, "ISIC_2_segmentation.png", square(2, 2, 4))
     put(preds, "ISIC_2_segmentation.png", square(4, 4, 8, hw=(2 * H, 2 * W)))
 
-    res = evaluate(preds.url, truth.url)
+    res = evaluate(preds.url, truth.url, "isic")
 
     rows = read_rows(preds)
     for id_ in ("ISIC_1", "ISIC_2"):
@@ -138,7 +139,7 @@ def test_missing_and_unmatched_predictions(local):
     put(preds, "ISIC_9_segmentation.png", square())  # no truth: listed, not scored
     truth.write_bytes("LICENSE.txt", b"ISIC truth folders ship text files too")
 
-    res = evaluate(preds.url, truth.url)
+    res = evaluate(preds.url, truth.url, "isic")
 
     assert res.missing_predictions == ["ISIC_5", "ISIC_6"]
     assert res.unmatched_predictions == ["ISIC_9"]
@@ -159,7 +160,7 @@ def test_unreadable_files_are_reported_not_fatal(local):
     truth.write_bytes("ISIC_3_segmentation.png", b"")
     put(preds, "ISIC_3_segmentation.png", square())
 
-    res = evaluate(preds.url, truth.url)
+    res = evaluate(preds.url, truth.url, "isic")
 
     assert res.n == 1 and res.n_errors == 2
     assert res.mean_dice == 1.0  # the two bad images stay out of the means
@@ -205,7 +206,7 @@ def test_against_storage_location(location):
     write_isic(truth, preds, CASES)
     put(preds, "ISIC_9_segmentation.png", square())
 
-    res = evaluate(preds.url, truth.url, storage=location.storage)
+    res = evaluate(preds.url, truth.url, "isic", storage=location.storage)
 
     assert res.n == 4 and res.mean_dice == pytest.approx(0.6875)
     assert res.unmatched_predictions == ["ISIC_9"]
@@ -234,3 +235,50 @@ def test_list_masks_and_sort_ids(local):
     assert set(list_masks(store, "folder")) == {"a", "a_segmentation", "b_segmentation"}
     assert sort_ids(["10", "9", "1"]) == ["1", "9", "10"]
     assert sort_ids(["10", "9", "a"]) == ["10", "9", "a"]
+
+
+def _predict_output(preds, cases: dict[str, np.ndarray], layout: str = "isic") -> None:
+    """What `segflow predict` leaves: masks/ named by its layout, predictions.json last."""
+    suffix = "_segmentation.png" if layout == "isic" else ".png"
+    for id_, mask in cases.items():
+        put(preds, f"masks/{id_}{suffix}", mask)
+    preds.write_json("predictions.json", {"layout": layout, "n_images": len(cases)})
+
+
+@pytest.mark.parametrize("given", ["root", "masks"])
+def test_predict_output_folder_or_its_masks(local, given):
+    truth, preds = local.store("truth"), local.store("pred")
+    write_isic(truth, local.store("unused"), CASES)
+    _predict_output(preds, {i: p for i, (_, p) in CASES.items()})
+    url = preds.url if given == "root" else preds.uri("masks")
+    res = evaluate(url, truth.url, workers=2)  # the naming comes from predictions.json
+    assert res.n == 4 and res.mean_dice == pytest.approx((1 + 1 + 0 + 0.75) / 4)
+    assert res.missing_predictions == [] and res.unmatched_predictions == []
+    # beside masks/, not inside it
+    assert res.per_image_csv == preds.uri("evaluation.csv")
+    assert preds.exists("evaluation.json") and preds.exists("evaluate.complete.json")
+    assert not preds.exists("masks/evaluation.csv")
+
+
+def test_no_match_is_an_error_naming_both_sides(local):
+    truth, preds = local.store("truth"), local.store("pred")
+    _predict_output(preds, {"IMD002": square(), "IMD003": square()}, layout="folder")
+    for id_ in ("IMD002", "IMD003"):  # PH2 naming
+        buf = io.BytesIO()
+        Image.fromarray(square() * 255).save(buf, "BMP")
+        truth.write_bytes(f"{id_}_lesion.bmp", buf.getvalue())
+    with pytest.raises(InputError, match="no prediction matches") as e:
+        evaluate(preds.url, truth.url)
+    assert "IMD002_lesion.bmp" in str(e.value) and "IMD002.png" in str(e.value)
+    assert "--mask-template" in str(e.value)
+    assert not preds.exists("evaluation.json")
+    res = evaluate(preds.url, truth.url, mask_template="{stem}_lesion.bmp")
+    assert res.n == 2 and res.mean_dice == 1.0
+
+
+def test_mask_template_must_name_the_stem(local):
+    truth, preds = local.store("truth"), local.store("pred")
+    _predict_output(preds, {"a": square()}, layout="folder")
+    put(truth, "a_lesion.png", square())
+    with pytest.raises(ConfigError, match="stem"):
+        evaluate(preds.url, truth.url, mask_template="{name}_lesion.png")

@@ -36,6 +36,24 @@ StorageOpt = Annotated[
 ]
 
 
+PredictionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="the output folder of `segflow predict` (masks/ + predictions.json), its masks/, or "
+        "a folder of mask files",
+        show_default=False,
+    ),
+]
+LayoutOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="isic (<id>_segmentation.png) | folder (<id>.png): the masks' naming when they have "
+        "no predict record (a predict run's own layout always applies)",
+        show_default="the predict run's, else folder",
+    ),
+]
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -240,7 +258,14 @@ def predict(
     out: Annotated[str | None, typer.Option(help="URL to write masks to")] = None,
     dataset: Annotated[str | None, typer.Option(help="predict an ingested dataset")] = None,
     source: Annotated[str | None, typer.Option(help="or raw files at this URL")] = None,
-    layout: Annotated[str | None, typer.Option(help="isic | nerve | folder")] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            help="isic | nerve | folder; isic names the masks <id>_segmentation.png, the others "
+            "<id>.png (recorded in predictions.json for crops, evaluate, export-rle)",
+            show_default="folder",
+        ),
+    ] = None,
     folds: Annotated[str | None, typer.Option(help="all, or e.g. 0,2")] = None,
     tta: Annotated[str | None, typer.Option(help="d4 | flips | none")] = None,
     threshold: Annotated[str | None, typer.Option(help="auto | 0..1")] = None,
@@ -263,12 +288,24 @@ def predict(
 
     _setup_logging(as_json)
     cfg = PredictConfig.load(
-        config, models=models, out=out, dataset=dataset, source=source, layout=layout,
-        folds=folds, tta=tta, threshold=threshold, postprocess=postprocess,
-        save_probabilities=save_probabilities, executor=executor, ray_address=ray_address,
-        gpus_per_worker=gpus_per_worker, batch_size=batch_size, shard_size=shard_size,
+        config,
+        models=models,
+        out=out,
+        dataset=dataset,
+        source=source,
+        layout=layout,
+        folds=folds,
+        tta=tta,
+        threshold=threshold,
+        postprocess=postprocess,
+        save_probabilities=save_probabilities,
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_worker=gpus_per_worker,
+        batch_size=batch_size,
+        shard_size=shard_size,
         storage=_storage(endpoint_url),
-    )  # fmt: skip
+    )
     result = run_predict(cfg, progress=None if as_json else _progress_bar())
     human = (
         f"\n{result.n_images} masks in {result.out}/masks ({result.shards_run} of "
@@ -292,23 +329,39 @@ def _progress_bar():
 
 @app.command()
 def evaluate(
-    predictions: Annotated[str | None, typer.Option(help="URL of the predicted masks")] = None,
+    predictions: PredictionsOpt = None,
     truth: Annotated[str | None, typer.Option(help="URL of the ground-truth masks")] = None,
-    layout: Annotated[str | None, typer.Option(help="isic | folder", show_default="isic")] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            help="isic (<id>_segmentation.<ext>) | folder (<id>.<ext>): naming of the truth, and "
+            "of predictions without a predict record; default: the predictions' naming"
+        ),
+    ] = None,
+    mask_template: Annotated[
+        str | None,
+        typer.Option(help="truth file names from {stem}, e.g. '{stem}_lesion.bmp' (PH2)"),
+    ] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score predicted masks against the truth at the truth's resolution."""
+    """Score predicted masks against the truth at the truth's resolution; evaluation.csv and
+    evaluation.json are written into the predict output folder, beside masks/."""
     from segflow.evaluate import evaluate as run_evaluate
 
     _setup_logging(as_json)
-    opts = _options(config, predictions=predictions, truth=truth, layout=layout)
+    opts = _options(
+        config, predictions=predictions, truth=truth, layout=layout, mask_template=mask_template
+    )
     _require(opts, "evaluate", "predictions", "truth")
     r = run_evaluate(
-        opts["predictions"], opts["truth"], layout=opts.get("layout", "isic"),
+        opts["predictions"],
+        opts["truth"],
+        layout=opts.get("layout"),
         storage=_storage_options(endpoint_url),
-    )  # fmt: skip
+        mask_template=opts.get("mask_template"),
+    )
     human = (
         f"{r.n} images: Dice {r.mean_dice:.4f}, Jaccard {r.mean_jaccard:.4f}, thresholded "
         f"Jaccard {r.mean_thresholded_jaccard:.4f} (per image: {r.per_image_csv})"
@@ -318,9 +371,9 @@ def evaluate(
 
 @app.command("export-rle")
 def export_rle(
-    predictions: Annotated[str | None, typer.Option(help="URL of the predicted masks")] = None,
+    predictions: PredictionsOpt = None,
     out: Annotated[str | None, typer.Option(help="CSV to write (Kaggle: img,pixels)")] = None,
-    layout: Annotated[str | None, typer.Option(help="isic | folder", show_default="folder")] = None,
+    layout: LayoutOpt = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -331,18 +384,20 @@ def export_rle(
     opts = _options(config, predictions=predictions, out=out, layout=layout)
     _require(opts, "export-rle", "predictions", "out")
     r = run_export(
-        opts["predictions"], opts["out"], storage=_storage_options(endpoint_url),
-        layout=opts.get("layout", "folder"),
-    )  # fmt: skip
+        opts["predictions"],
+        opts["out"],
+        storage=_storage_options(endpoint_url),
+        layout=opts.get("layout"),
+    )
     _emit(r, as_json, f"wrote {r['n']} rows ({r['empty']} empty masks) to {r['out']}")
 
 
 @app.command()
 def crops(
-    predictions: Annotated[str | None, typer.Option(help="URL of the predictions (masks/)")] = None,
+    predictions: PredictionsOpt = None,
     source: Annotated[str | None, typer.Option(help="URL of the original images")] = None,
     out: Annotated[str | None, typer.Option(help="URL to write crops to")] = None,
-    layout: Annotated[str | None, typer.Option(help="isic | folder")] = None,
+    layout: LayoutOpt = None,
     mode: Annotated[str | None, typer.Option(help="masked | crop | mask | all")] = None,
     margin: Annotated[float | None, typer.Option(help="margin, fraction of the box")] = None,
     background: Annotated[str | None, typer.Option(help="black | mean | white")] = None,
@@ -360,11 +415,21 @@ def crops(
 
     _setup_logging(as_json)
     cfg = CropsConfig.load(
-        config, predictions=predictions, source=source, out=out, layout=layout, mode=mode,
-        margin=margin, background=background, format=format, quality=quality,
-        min_area_frac=min_area_frac, dask_address=dask_address, workers=workers,
+        config,
+        predictions=predictions,
+        source=source,
+        out=out,
+        layout=layout,
+        mode=mode,
+        margin=margin,
+        background=background,
+        format=format,
+        quality=quality,
+        min_area_frac=min_area_frac,
+        dask_address=dask_address,
+        workers=workers,
         storage=_storage(endpoint_url),
-    )  # fmt: skip
+    )
     r = make_crops(cfg)
     human = (
         f"crops of {r.n_ok} images in {r.out} ({r.n_empty} empty, {r.n_error} errors; "
@@ -394,10 +459,18 @@ def serve(
 
     _setup_logging(as_json)
     cfg = ServeConfig.load(
-        config, models=models, version=version, tta=tta, host=host, port=port,
-        ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
-        max_pixels=max_pixels, storage=_storage(endpoint_url),
-    )  # fmt: skip
+        config,
+        models=models,
+        version=version,
+        tta=tta,
+        host=host,
+        port=port,
+        ray_address=ray_address,
+        replicas=replicas,
+        gpus_per_replica=gpus_per_replica,
+        max_pixels=max_pixels,
+        storage=_storage(endpoint_url),
+    )
 
     def ready(r) -> None:
         human = (

@@ -1,10 +1,13 @@
 """``make_crops()``: lesion crops from predicted masks.
 
-For every predicted mask (``<predictions>/masks/``) the image it belongs to (``source``) is cut
-to the box of the mask's **largest** 8-connected component, widened by ``margin`` (a fraction
-of the box's size on each side) and clipped to the image. Modes: ``crop`` (the image in the
-box), ``masked`` (the same, with pixels outside the component filled with ``background``),
-``mask`` (the component mask in the box, 0/255 PNG) or ``all``.
+For every predicted mask (``--predictions``: the output folder of ``segflow predict``, its
+``masks/``, or a folder of masks; see :mod:`segflow.predict.outputs`) the image it belongs to
+(``source``) is cut to the box of the mask's **largest** 8-connected component, widened by
+``margin`` (a fraction of the box's size on each side) and clipped to the image. Modes:
+``crop`` (the image in the box), ``masked`` (the same, with pixels outside the component
+filled with ``background``), ``mask`` (the component mask in the box, 0/255 PNG) or ``all``.
+The array operations are in :mod:`segflow.masks`. A file that cannot be decoded (whatever the
+decoder raises) becomes that image's ``error`` row with its reason; the run goes on.
 
 Resumability: each image's output files are written first (atomically), then its done record
 ``_done/<id>.json``, which holds its manifest row and a key over the config and the input
@@ -30,18 +33,33 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 from pydantic import Field
-from scipy import ndimage
 
-from segflow import png
 from segflow.cluster import cpu_count, dask_address
 from segflow.config import StageConfig
 from segflow.errors import InputError
-from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_image, decode_mask
+from segflow.imaging import IMAGE_SUFFIXES, Decoded, MaskImage, Rejected, decode_image, decode_mask
+from segflow.masks import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_MARGIN,
+    Box,
+    apply_mask,
+    background_value,
+    encode,
+    expand_box,
+    largest_box,
+)
+from segflow.predict.outputs import (
+    LAYOUT_HELP,
+    PREDICTIONS_HELP,
+    MaskLayout,
+    Predictions,
+    mask_id,
+    open_predictions,
+)
 from segflow.storage import FileInfo, StorageError, Store, sha256_json
 
 log = logging.getLogger("segflow.crops")
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
 MODES = {"crop": ("crop",), "masked": ("masked",), "mask": ("mask",)}
 MODES["all"] = ("crop", "masked", "mask")
 DONE = "_done"
@@ -64,23 +82,18 @@ COLUMNS = (
     "reason",
     "detail",
 )
-# Photo crops barely compress past deflate level 1, while level 6 (Pillow's default) costs ~5x
-# the time of the JPEG decode that precedes it; PNG stays lossless either way.
-PNG_LEVEL = 1
-_EIGHT = np.ones((3, 3), dtype=bool)
-_FILL = {"black": 0, "white": 255}
 
 
 class CropsConfig(StageConfig):
     """Options of ``segflow crops``."""
 
-    predictions: str
-    source: str
+    predictions: str = Field(description=PREDICTIONS_HELP)
+    source: str = Field(description="URL of the original images (<id>.jpg, .png, ...)")
     out: str
-    layout: Literal["isic", "folder"] = "isic"
+    layout: Literal["isic", "folder"] | None = Field(None, description=LAYOUT_HELP)
     mode: Literal["masked", "crop", "mask", "all"] = "masked"
-    margin: float = Field(0.1, ge=0)
-    background: Literal["black", "mean", "white"] = "black"
+    margin: float = Field(DEFAULT_MARGIN, ge=0)
+    background: Literal["black", "mean", "white"] = DEFAULT_BACKGROUND
     format: Literal["png", "jpeg"] = "png"
     quality: int = Field(95, ge=1, le=100)
     min_area_frac: float = Field(0.001, ge=0, le=1)
@@ -110,123 +123,6 @@ class CropsResult:
         return asdict(self)
 
 
-# -- array operations ---------------------------------------------------------------------------
-def largest_box(mask: np.ndarray, min_area: int = 1) -> tuple[Box | None, int, int, np.ndarray]:
-    """``(bbox, area, n_components, component)`` of the largest 8-connected foreground
-    component of an (H, W) mask. ``bbox`` is ``(x0, y0, x1, y1)`` (exclusive ends) or ``None``
-    when the mask is empty or its largest component has fewer than ``min_area`` pixels;
-    ``component`` is a uint8 {0, 1} (H, W) mask of that component (all 0 when ``None``). Ties go
-    to the component whose first pixel comes first in raster order, as in
-    :func:`segflow.predict.postprocess.largest_component`."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D (H, W) mask, got shape {mask.shape}")
-    fg = mask if mask.dtype == bool else mask != 0
-    component = np.zeros(mask.shape, dtype=np.uint8)
-    # the sum over the component needs only the pixels of its bounding box
-    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-    if rows.size == 0:
-        return None, 0, 0, component
-    # Label only the box around all foreground: lesions are a fraction of the image, and raster
-    # order inside the box is the image's, so the tie rule is unchanged.
-    r0, c0 = int(rows[0]), int(cols[0])
-    sub = fg[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
-    labels, n = ndimage.label(sub, structure=_EIGHT)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = int(np.argmax(sizes))
-    area = int(sizes[keep])
-    if area < max(1, min_area):
-        return None, area, n, component
-    ys, xs = ndimage.find_objects(labels, max_label=keep)[keep - 1]
-    inside = labels[ys, xs] == keep
-    y0, x0 = r0 + ys.start, c0 + xs.start
-    component[y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]] = inside
-    return (x0, y0, x0 + inside.shape[1], y0 + inside.shape[0]), area, n, component
-
-
-def expand_box(bbox: Box, margin: float, shape: tuple[int, ...]) -> Box:
-    """``bbox`` widened by ``margin`` x its width (left and right) and x its height (top and
-    bottom), rounded up to whole pixels, then clipped to an image of ``shape`` (H, W, ...)."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    x0, y0, x1, y1 = bbox
-    h, w = shape[0], shape[1]
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise ValueError(f"box {bbox} is empty or outside an image of shape {tuple(shape)}")
-    # the epsilon keeps 0.1 * 30 = 3.0000000000000004 from rounding up to 4
-    dx = math.ceil(margin * (x1 - x0) - 1e-9)
-    dy = math.ceil(margin * (y1 - y0) - 1e-9)
-    return max(0, x0 - dx), max(0, y0 - dy), min(w, x1 + dx), min(h, y1 + dy)
-
-
-def paste_back(
-    crop: np.ndarray, bbox: Box, shape: tuple[int, ...], fill: int | float = 0
-) -> np.ndarray:
-    """A canvas of ``shape`` filled with ``fill``, with ``crop`` placed at ``bbox``: the exact
-    inverse of ``image[y0:y1, x0:x1]`` inside the box."""
-    crop = np.asarray(crop)
-    x0, y0, x1, y1 = bbox
-    if not (0 <= x0 <= x1 <= shape[1] and 0 <= y0 <= y1 <= shape[0]):
-        raise ValueError(f"box {bbox} does not fit in shape {tuple(shape)}")
-    want = (y1 - y0, x1 - x0, *shape[2:])
-    if crop.shape != want:
-        raise ValueError(f"crop of shape {crop.shape} does not match box {bbox}: expected {want}")
-    canvas = np.full(shape, fill, dtype=crop.dtype)
-    canvas[y0:y1, x0:x1] = crop
-    return canvas
-
-
-def masked_crop(
-    image: np.ndarray, component: np.ndarray, box: Box, background: str, area: int | None = None
-) -> np.ndarray:
-    """``image`` in ``box`` with the pixels outside ``component`` set to ``background``:
-    black, white, or the mean (rounded) of the image's pixels outside the component."""
-    x0, y0, x1, y1 = box
-    fill = background_value(background, image, component, area)
-    return apply_mask(image[y0:y1, x0:x1], component[y0:y1, x0:x1], fill)
-
-
-def apply_mask(crop: np.ndarray, inside: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """``crop`` where ``inside`` is set, ``fill`` elsewhere (uint8)."""
-    inside = inside.astype(bool)
-    out = np.where(inside[..., None] if crop.ndim == 3 else inside, crop, fill)
-    return out if out.dtype == np.uint8 else out.astype(np.uint8)
-
-
-def background_value(
-    background: str,
-    image: np.ndarray | None = None,
-    component: np.ndarray | None = None,
-    area: int | None = None,
-) -> np.ndarray:
-    """The fill colour; ``mean`` (of the image's pixels outside the component) needs both
-    arrays, black and white neither."""
-    if background in _FILL:
-        return np.array(_FILL[background], dtype=np.uint8)
-    if background != "mean":
-        raise ValueError(f"unknown background {background!r}; allowed: black, mean, white")
-    if image is None or component is None:
-        raise ValueError("the mean background needs the image and the component mask")
-    channels = image.shape[2:]
-    flat = image.reshape(-1, *channels)
-    area = int(component.sum()) if area is None else area
-    outside = flat.shape[0] - area
-    if outside == 0:  # the component covers the image: nothing gets filled
-        return np.zeros(channels, dtype=np.uint8)
-    total = flat.sum(axis=0, dtype=np.float64)
-    return np.rint((total - _sum_inside(image, component)) / outside).astype(np.uint8)
-
-
-def _sum_inside(image: np.ndarray, component: np.ndarray) -> np.ndarray:
-    # the sum over the component needs only the pixels of its bounding box
-    rows, cols = np.flatnonzero(component.any(axis=1)), np.flatnonzero(component.any(axis=0))
-    if rows.size == 0:
-        return np.zeros(image.shape[2:], dtype=np.float64)
-    ys, xs = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-    return image[ys, xs][component[ys, xs].astype(bool)].sum(axis=0, dtype=np.float64)
-
-
 # -- the stage ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Item:
@@ -244,7 +140,7 @@ class Item:
 class Context:
     """What a worker needs; picklable, so it travels to a Dask cluster."""
 
-    predictions: Store
+    predictions: Store  # the folder holding the masks
     source: Store
     out: Store
     kinds: tuple[str, ...]
@@ -255,10 +151,25 @@ class Context:
     min_area_frac: float
     max_pixels: int
 
+    @classmethod
+    def of(cls, cfg: CropsConfig, predictions: Store, source: Store, out: Store) -> Context:
+        return cls(
+            predictions=predictions,
+            source=source,
+            out=out,
+            kinds=MODES[cfg.mode],
+            margin=cfg.margin,
+            background=cfg.background,
+            format=cfg.format,
+            quality=cfg.quality,
+            min_area_frac=cfg.min_area_frac,
+            max_pixels=cfg.max_pixels,
+        )
+
 
 def make_crops(cfg: CropsConfig) -> CropsResult:
     t0 = time.perf_counter()
-    predictions = Store(cfg.predictions, cfg.storage)
+    predictions = open_predictions(cfg.predictions, cfg.storage, cfg.layout)
     source = Store(cfg.source, cfg.storage)
     out = Store(cfg.out, cfg.storage)
     _remove_orphan_temps(out)
@@ -274,58 +185,42 @@ def make_crops(cfg: CropsConfig) -> CropsResult:
             old = tuple(_outputs(rec["row"])) if rec is not None else ()
             todo.append(Item(**{**asdict(item), "old_outputs": old}))
     log.info("crops: %d masks, %d to do, %d done before", len(items), len(todo), len(rows))
-    ctx = Context(
-        predictions,
-        source,
-        out,
-        MODES[cfg.mode],
-        cfg.margin,
-        cfg.background,
-        cfg.format,
-        cfg.quality,
-        cfg.min_area_frac,
-        cfg.max_pixels,
-    )
+    ctx = Context.of(cfg, predictions.masks_store, source, out)
     for row in _run(todo, ctx, cfg):
         rows[row["id"]] = row
     return _finish(cfg, out, [rows[i.id] for i in items], len(items) - len(todo), t0)
 
 
-def discover(cfg: CropsConfig, predictions: Store, source: Store) -> list[Item]:
-    """The masks under ``<predictions>/masks/`` paired with their source images, by id."""
-    if not predictions.exists("masks"):
-        raise InputError(
-            f"no masks folder at {predictions.uri('masks')}; --predictions must be the output "
-            "of `segflow predict` (masks under <predictions>/masks/)"
-        )
-    masks = _mask_files(predictions.list("masks"), cfg.layout)
+def discover(cfg: CropsConfig, predictions: Predictions, source: Store) -> list[Item]:
+    """The masks of ``predictions`` paired with their source images, by id."""
+    store, layout = predictions.masks_store, predictions.layout
+    masks = _mask_files(store.list(), layout)
     if not masks:
-        want = "<id>_segmentation.png" if cfg.layout == "isic" else "<id>.png"
-        raise InputError(f"no {want} masks under {predictions.uri('masks')} (layout {cfg.layout})")
+        want = "<id>_segmentation.png" if layout == "isic" else "<id>.png"
+        raise InputError(
+            f"no {want} masks at {store.url} (layout {layout}); --predictions must be "
+            f"{PREDICTIONS_HELP}"
+        )
     images = _image_files(source.list())
-    # where the outputs go does not change them: two out folders get the same records
-    config_key = sha256_json({k: v for k, v in cfg.public_dict().items() if k not in _NOT_IN_KEY})
+    # where the outputs go does not change them: two out folders get the same records; the
+    # layout is the one in effect (the predict run's), not the option as given
+    public = {**cfg.public_dict(), "layout": layout}
+    config_key = sha256_json({k: v for k, v in public.items() if k not in _NOT_IN_KEY})
     items = []
     for image_id, mask in sorted(masks.items()):
-        image, problem = _pick_image(image_id, images.get(image_id, []), cfg.layout, source)
+        image, problem = _pick_image(image_id, images.get(image_id, []), layout, source)
         fp = (mask.fingerprint, image.fingerprint if image else None, problem)
         key = sha256_json([config_key, fp])
         items.append(Item(image_id, mask.rel, image.rel if image else None, key, problem))
     return items
 
 
-def _mask_files(files: list[FileInfo], layout: str) -> dict[str, FileInfo]:
+def _mask_files(files: list[FileInfo], layout: MaskLayout) -> dict[str, FileInfo]:
     found = {}
     for f in files:
-        name = posixpath.relpath(f.rel, "masks")
-        if "/" in name or not name.lower().endswith(".png"):
-            continue
-        stem = name[: -len(".png")]
-        if layout == "isic":
-            if not stem.endswith("_segmentation"):
-                continue
-            stem = stem[: -len("_segmentation")]
-        found[stem] = f
+        image_id = None if "/" in f.rel else mask_id(f.rel, layout)
+        if image_id is not None:
+            found[image_id] = f
     return found
 
 
@@ -419,13 +314,13 @@ def _crop(item: Item, ctx: Context) -> dict[str, Any]:
     if item.problem is not None or item.image is None:
         reason, detail = item.problem or ("missing_image", item.id)
         return _row(item.id, "error", reason=reason, detail=detail)
-    mask_img, _ = decode_mask(ctx.predictions.read_bytes(item.mask), item.mask, ctx.max_pixels)
+    mask_img = _decode_mask(ctx.predictions.read_bytes(item.mask), item.mask, ctx.max_pixels)
     w, h = mask_img.size
     # the rule of mask_to_frame (labels as they are, else >= 128 is foreground) without its
     # value census: at full resolution that census costs as much as the PNG decode
     raw = np.asarray(mask_img.image)
     mask = raw if mask_img.labels else raw >= 128
-    decoded = decode_image(ctx.source.read_bytes(item.image), item.image, ctx.max_pixels)
+    decoded = _decode_image(ctx.source.read_bytes(item.image), item.image, ctx.max_pixels)
     if decoded.orig_size != (h, w):
         ih, iw = decoded.orig_size
         detail = f"mask {item.mask} is {w}x{h} but image {item.image} is {iw}x{ih} (W x H)"
@@ -452,6 +347,28 @@ def _crop(item: Item, ctx: Context) -> dict[str, Any]:
     )
 
 
+def _decode_mask(data: bytes, name: str, max_pixels: int) -> MaskImage:
+    try:
+        return decode_mask(data, name, max_pixels)[0]
+    except Rejected:
+        raise
+    except Exception as e:  # a decoder's own failure on a bad file is that file's problem
+        raise Rejected("bad_mask", _decode_failure(name, e)) from None
+
+
+def _decode_image(data: bytes, name: str, max_pixels: int) -> Decoded:
+    try:
+        return decode_image(data, name, max_pixels)
+    except Rejected:
+        raise
+    except Exception as e:  # a decoder's own failure on a bad file is that file's problem
+        raise Rejected("unreadable", _decode_failure(name, e)) from None
+
+
+def _decode_failure(name: str, e: Exception) -> str:
+    return f"{name} cannot be decoded ({type(e).__name__}: {e}); replace or remove the file"
+
+
 def _write_outputs(
     image_id: str, image: Image.Image, component: np.ndarray, box: Box, area: int, ctx: Context
 ) -> list[str]:
@@ -472,14 +389,6 @@ def _write_outputs(
         ctx.out.write_bytes(rel, encode(arr, fmt, ctx.quality))
         outputs.append(rel)
     return outputs
-
-
-def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
-    if fmt == "png":
-        return png.encode(arr, PNG_LEVEL)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _row(image_id: str, status: str, **fields: Any) -> dict[str, Any]:

@@ -4,7 +4,15 @@ Every prediction is scored at the ground truth's resolution (a prediction of ano
 resized with nearest neighbour and flagged), so the numbers match the official ISIC 2018 /
 Kaggle evaluation. Images are scored in batches on Dask's local threaded scheduler: decoding
 PNGs and counting pixels release the GIL, and only the masks of the running batches are ever
-in memory. Both outputs land in the predictions store: ``evaluation.csv``, ``evaluation.json``.
+in memory.
+
+``predictions`` is the output folder of ``segflow predict`` (or its ``masks/``, or a folder of
+masks; :mod:`segflow.predict.outputs`): a predict run's masks are named as its record says.
+The truth's naming is ``mask_template`` (``{stem}_lesion.bmp``), else ``layout``, else the
+predictions' own. The outputs land beside the masks, in the predict output folder:
+``evaluation.csv``, ``evaluation.json`` and, last, ``evaluate.complete.json``. When no
+prediction matches any truth mask, nothing is scored: :class:`InputError` shows one name from
+each side.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from segflow.cluster import cpu_count
 from segflow.errors import ConfigError, InputError, SegflowError
 from segflow.geometry import place
 from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_mask, mask_to_frame
+from segflow.predict.outputs import MASK_LAYOUTS, open_predictions, template_pattern
 from segflow.storage import StorageOptions, Store, iter_batches
 
-LAYOUTS = ("isic", "folder")
+LAYOUTS = tuple(MASK_LAYOUTS)
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
+MARKER = "evaluate"
 CSV_COLUMNS = (
     "id",
     "dice",
@@ -97,58 +107,100 @@ class _Row:
 def evaluate(
     predictions: str,
     truth: str,
-    layout: str = "isic",
+    layout: str | None = None,
     storage: StorageOptions | None = None,
     max_pixels: int = 178_956_970,
     workers: int | None = None,
+    mask_template: str | None = None,
 ) -> EvaluationResult:
     """Score every ground-truth mask at ``truth`` against its prediction at ``predictions``.
 
-    ``layout``: ``isic`` pairs ``<id>_segmentation.<ext>`` on both sides; ``folder`` pairs
-    files by name without the suffix (``a.png`` with ``a.png`` or ``a.tif``). A truth mask with
-    no prediction is scored as an empty prediction and listed in ``missing_predictions``."""
-    pred_store, truth_store = Store(predictions, storage), Store(truth, storage)
-    truth_files = list_masks(truth_store, layout)
+    Naming (``layout``): ``isic`` is ``<id>_segmentation.<ext>``, ``folder`` the file name
+    without its suffix (``a.png`` pairs with ``a.png`` or ``a.tif``). The predictions follow
+    their predict run's record when they have one, else ``layout`` (default ``folder``); the
+    truth follows ``mask_template`` (e.g. ``{stem}_lesion.bmp``), else ``layout``, else the
+    predictions' naming. A truth mask with no prediction is scored as an empty prediction and
+    listed in ``missing_predictions``; when no prediction matches any truth mask at all, it is
+    an :class:`InputError` (a wrong folder or naming, not a model that found nothing)."""
+    preds = open_predictions(predictions, storage, layout)
+    pred_store, truth_store = preds.masks_store, Store(truth, storage)
+    truth_naming = mask_template or layout or preds.layout
+    truth_files = list_masks(truth_store, truth_naming)
     if not truth_files:
-        raise InputError(f"no ground-truth masks at {truth_store.url!r} for {_naming(layout)}")
-    pred_files = list_masks(pred_store, layout)
+        raise InputError(
+            f"no ground-truth masks at {truth_store.url!r} for {_naming(truth_naming)}"
+        )
+    pred_files = list_masks(pred_store, preds.layout)
     if not pred_files:
         # Most likely a wrong URL or layout: scoring everything as empty would hide that.
-        raise InputError(f"no predicted masks at {pred_store.url!r} for {_naming(layout)}")
+        raise InputError(f"no predicted masks at {pred_store.url!r} for {_naming(preds.layout)}")
+    if not set(truth_files) & set(pred_files):
+        raise InputError(_no_match(pred_store, pred_files, preds.layout, truth_files, truth_naming))
     pairs = [_Pair(i, truth_files[i], pred_files.get(i)) for i in sort_ids(truth_files)]
     rows = _score_all(pairs, pred_store, truth_store, max_pixels, workers)
-    csv_url = pred_store.write_bytes(CSV_NAME, _csv_bytes(rows))
-    result = _summarise(rows, csv_url, pred_store.uri(JSON_NAME))
+    out = preds.root  # beside the masks, in the predict output folder
+    csv_url = out.write_bytes(CSV_NAME, _csv_bytes(rows))
+    result = _summarise(rows, csv_url, out.uri(JSON_NAME))
     result.missing_predictions = [p.id for p in pairs if p.pred is None]
     result.unmatched_predictions = sort_ids(set(pred_files) - set(truth_files))
     summary = {
         **result.to_dict(),
-        "layout": layout,
+        "layout": preds.layout,
+        "truth_naming": truth_naming,
         "predictions": pred_store.url,
         "truth": truth_store.url,
     }
-    pred_store.write_json(JSON_NAME, summary)  # last: its presence means the CSV is complete
+    out.write_json(JSON_NAME, summary)  # its presence means the CSV is complete
+    out.mark_complete(MARKER, {k: summary[k] for k in ("n", "n_errors", "predictions", "truth")})
     return result
 
 
+def _no_match(
+    pred_store: Store,
+    pred_files: dict[str, str],
+    pred_naming: str,
+    truth_files: dict[str, str],
+    truth_naming: str,
+) -> str:
+    pred_id, truth_id = sort_ids(pred_files)[0], sort_ids(truth_files)[0]
+    return (
+        f"no prediction matches any ground-truth mask: e.g. prediction {pred_files[pred_id]!r} "
+        f"(id {pred_id!r}, {_naming(pred_naming)}) vs truth {truth_files[truth_id]!r} "
+        f"(id {truth_id!r}, {_naming(truth_naming)}). Name the truth's files with "
+        "--mask-template (e.g. '{stem}_lesion.bmp') or --layout; --predictions is the output "
+        f"folder of `segflow predict` ({pred_store.url})"
+    )
+
+
 # -- discovery ----------------------------------------------------------------------------------
-def list_masks(store: Store, layout: str) -> dict[str, str]:
-    """id -> path of every mask file in ``store`` under ``layout``'s naming. Ids keep their
+def list_masks(store: Store, naming: str) -> dict[str, str]:
+    """id -> path of every mask file in ``store`` under ``naming``: a layout (``isic``,
+    ``folder``) or a template with ``{stem}`` (``{stem}_lesion.bmp``). Ids keep their
     sub-folder (``sub/a``); when two files share an id (``a.png``, ``a.tif``) the first in
     sorted order is used."""
-    if layout not in LAYOUTS:
-        raise ConfigError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+    template = template_pattern(naming) if "{" in naming else None
+    if template is None and naming not in LAYOUTS:
+        raise ConfigError(
+            f"unknown layout {naming!r}; allowed: {', '.join(LAYOUTS)}, or a --mask-template "
+            "such as '{stem}_lesion.bmp'"
+        )
     found: dict[str, str] = {}
-    for f in store.list():
-        stem, ext = posixpath.splitext(f.rel)
+    for f in sorted(store.list(), key=lambda f: f.rel):
+        folder, name = posixpath.split(f.rel)
+        stem, ext = posixpath.splitext(name)
         if ext.lower() not in IMAGE_SUFFIXES:
             continue
-        if layout == "isic":
+        if template is not None:
+            m = template.match(name)
+            if not m:
+                continue
+            stem = m["id"]
+        elif naming == "isic":
             m = _ISIC_MASK.match(stem)
             if not m:
                 continue
             stem = m["id"]
-        found.setdefault(stem, f.rel)
+        found.setdefault(posixpath.join(folder, stem), f.rel)
     return found
 
 
@@ -160,10 +212,12 @@ def sort_ids(ids: Iterable[str]) -> list[str]:
     return sorted(ids)
 
 
-def _naming(layout: str) -> str:
-    if layout == "isic":
+def _naming(naming: str) -> str:
+    if "{" in naming:
+        return f"mask template {naming!r}"
+    if naming == "isic":
         return "layout isic (<id>_segmentation.png)"
-    return f"layout {layout} (image files: {', '.join(IMAGE_SUFFIXES)})"
+    return f"layout {naming} (<id>.png; image files: {', '.join(IMAGE_SUFFIXES)})"
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -208,7 +262,13 @@ def _read_mask(
     store: Store, rel: str, max_pixels: int, size: tuple[int, ...] | None = None
 ) -> tuple[np.ndarray, bool]:
     """(H, W) uint8 {0,1} at ``size`` (default: the file's own), and whether it was resized."""
-    mask, quirks = decode_mask(store.read_bytes(rel), rel, max_pixels)
+    data = store.read_bytes(rel)
+    try:
+        mask, quirks = decode_mask(data, rel, max_pixels)
+    except Rejected:
+        raise
+    except Exception as e:  # whatever a decoder raises on a bad file is that file's error
+        raise Rejected("bad_mask", f"{rel} cannot be decoded ({type(e).__name__}: {e})") from None
     w, h = mask.size
     target = (int(size[0]), int(size[1])) if size is not None else (h, w)
     # "stretch" onto the truth's frame: a nearest-neighbour resize, or the identity.

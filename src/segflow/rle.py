@@ -106,24 +106,28 @@ def export_rle(
     predictions: str,
     out: str,
     storage: StorageOptions | None = None,
-    layout: str = "folder",
+    layout: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
 ) -> dict:
     """Write a Kaggle submission CSV (``img,pixels``) with one row per predicted mask.
 
+    ``predictions`` is the output folder of ``segflow predict`` (its masks are named as its
+    record says), its ``masks/``, or a folder of masks named by ``layout`` (default folder).
     ``img`` is the mask's id (folder layout: the file name without its suffix, "1" for 1.png;
     isic: without "_segmentation" too), rows sorted numerically when every id is an integer.
     A mask that cannot be read fails the export: a submission missing a row is worthless.
     Returns ``{"out": url, "n": rows, "empty": rows with an empty mask}``."""
     from segflow.evaluate import list_masks, sort_ids
+    from segflow.predict.outputs import open_predictions
 
-    store = Store(predictions, storage)
-    files = list_masks(store, layout)
+    preds = open_predictions(predictions, storage, layout)
+    store = preds.masks_store
+    files = list_masks(store, preds.layout)
     if not files:
         raise InputError(
-            f"no predicted masks at {store.url!r} for layout {layout!r}; check --predictions "
-            "and --layout"
+            f"no predicted masks at {store.url!r} for layout {preds.layout!r}; check "
+            "--predictions and --layout"
         )
     ids = sort_ids(files)
     with ThreadPoolExecutor(workers or min(32, (os.cpu_count() or 1) * 2)) as pool:
@@ -144,9 +148,15 @@ def export_rle(
 def _encode_file(store: Store, rel: str, max_pixels: int) -> tuple[str, str]:
     """(rle, "") or ("", error message)."""
     try:
-        mask, quirks = decode_mask(store.read_bytes(rel), rel, max_pixels)
-    except (Rejected, SegflowError, OSError) as e:  # collected, so all bad files are named
+        data = store.read_bytes(rel)
+    except (SegflowError, OSError) as e:  # collected, so all bad files are named
         return "", str(e) or type(e).__name__
+    try:
+        mask, quirks = decode_mask(data, rel, max_pixels)
+    except Rejected as e:
+        return "", str(e)
+    except Exception as e:  # whatever a decoder raises on a bad file: named, like the others
+        return "", f"cannot be decoded ({type(e).__name__}: {e})"
     w, h = mask.size
     return rle_encode(mask_to_frame(mask, place((h, w), (h, w), "stretch"), quirks)), ""
 

@@ -11,6 +11,7 @@ import zarr
 from scipy import ndimage
 
 from segflow.errors import InputError
+from segflow.masks import fill_holes, largest_component
 from segflow.metrics import per_image_scores
 from segflow.predict.postprocess import (
     POSTPROCESS,
@@ -18,8 +19,6 @@ from segflow.predict.postprocess import (
     Choice,
     choose,
     choose_from_models,
-    fill_holes,
-    largest_component,
     postprocess,
 )
 from segflow.storage import Store

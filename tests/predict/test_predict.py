@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from segflow.predict.run import predict
 from segflow.predict.tta import TTA_MODES, apply, invert, tta_mean
 from segflow.storage import StorageOptions, Store
 from segflow.train import train
-from tests.makers import coded_pair, jpeg_bytes
+from tests.makers import coded_pair, jpeg_bytes, png_bytes
 from tests.train.conftest import make_dataset, small_config
 
 
@@ -88,8 +89,15 @@ def test_masks_come_back_at_the_original_size(ensemble, tmp_path):
     models, _ = ensemble
     shapes = _raw_archive(tmp_path / "raw", 7)
     (tmp_path / "raw" / "ISIC_0000099.jpg").write_bytes(b"not a jpeg")
-    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
-                        layout="isic", tta="d4", executor="inline", shard_size=3)  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "raw"),
+        out=str(tmp_path / "out"),
+        layout="isic",
+        tta="d4",
+        executor="inline",
+        shard_size=3,
+    )
     res = predict(cfg)
     assert (res.n_images, res.n_shards, res.n_errors) == (7, 3, 1)
     assert res.errors[0]["id"] == "ISIC_0000099" and "unreadable" in res.errors[0]["error"]
@@ -104,8 +112,15 @@ def test_masks_come_back_at_the_original_size(ensemble, tmp_path):
 def test_new_files_only_run_new_shards(ensemble, tmp_path):
     models, _ = ensemble
     _raw_archive(tmp_path / "raw", 4)
-    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
-                        layout="isic", tta="none", executor="inline", shard_size=2)  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "raw"),
+        out=str(tmp_path / "out"),
+        layout="isic",
+        tta="none",
+        executor="inline",
+        shard_size=2,
+    )
     first = predict(cfg)
     img, _ = coded_pair(50)
     (tmp_path / "raw" / "ISIC_0000050.jpg").write_bytes(jpeg_bytes(img))
@@ -118,14 +133,40 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(ensemble, tmp_path):
     models, _ = ensemble
     _raw_archive(tmp_path / "raw", 48, sizes=((96, 128), (120, 90)))
     clean = tmp_path / "clean"
-    base = {"models": models, "source": str(tmp_path / "raw"), "layout": "isic", "tta": "d4",
-            "executor": "inline", "shard_size": 4, "batch_size": 2}  # fmt: skip
+    base = {
+        "models": models,
+        "source": str(tmp_path / "raw"),
+        "layout": "isic",
+        "tta": "d4",
+        "executor": "inline",
+        "shard_size": 4,
+        "batch_size": 2,
+    }
     predict(PredictConfig(out=str(clean), **base))
 
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "segflow.cli", "predict", "--models", models, "--source",
-            base["source"], "--out", str(killed), "--layout", "isic", "--tta", "d4",
-            "--executor", "inline", "--shard-size", "4", "--batch-size", "2"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "segflow.cli",
+        "predict",
+        "--models",
+        models,
+        "--source",
+        base["source"],
+        "--out",
+        str(killed),
+        "--layout",
+        "isic",
+        "--tta",
+        "d4",
+        "--executor",
+        "inline",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -143,9 +184,16 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(ensemble, tmp_path):
 
 def test_dataset_input_and_probabilities(ensemble, tmp_path):
     models, base = ensemble
-    cfg = PredictConfig(models=models, dataset=str(base / "ds"), out=str(tmp_path / "out"),
-                        tta="flips", executor="inline", save_probabilities=True,
-                        threshold=0.5, postprocess="lcc")  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        dataset=str(base / "ds"),
+        out=str(tmp_path / "out"),
+        tta="flips",
+        executor="inline",
+        save_probabilities=True,
+        threshold=0.5,
+        postprocess="lcc",
+    )
     res = predict(cfg)
     assert (res.n_images, res.threshold, res.postprocess) == (16, 0.5, "lcc")
     names = sorted(p.name for p in (tmp_path / "out" / "masks").iterdir())
@@ -159,8 +207,14 @@ def test_dataset_input_and_probabilities(ensemble, tmp_path):
 def test_predict_on_local_ray(ensemble, tmp_path, local_ray):
     models, _ = ensemble
     shapes = _raw_archive(tmp_path / "raw", 5)
-    cfg = PredictConfig(models=models, source=str(tmp_path / "raw"), out=str(tmp_path / "out"),
-                        layout="isic", tta="flips", shard_size=2)  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "raw"),
+        out=str(tmp_path / "out"),
+        layout="isic",
+        tta="flips",
+        shard_size=2,
+    )
     res = predict(cfg)
     assert (res.n_images, res.shards_run, res.n_errors) == (5, 3, 0)
     assert len(_masks(tmp_path / "out")) == len(shapes)
@@ -176,8 +230,15 @@ def test_predict_between_s3_buckets(ensemble, s3_endpoint):
     raw = Store(f"s3://{bucket}/raw", storage)
     for k in range(3):
         raw.write_bytes(f"ISIC_{k:07d}.jpg", jpeg_bytes(coded_pair(k, 40, 56)[0]))
-    cfg = PredictConfig(models=models, source=raw.url, out=f"s3://{bucket}/out", layout="isic",
-                        tta="none", executor="inline", storage=storage)  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        source=raw.url,
+        out=f"s3://{bucket}/out",
+        layout="isic",
+        tta="none",
+        executor="inline",
+        storage=storage,
+    )
     res = predict(cfg)
     assert res.n_images == 3
     out = Store(f"s3://{bucket}/out", storage)
@@ -185,3 +246,69 @@ def test_predict_between_s3_buckets(ensemble, s3_endpoint):
     import io
 
     assert Image.open(io.BytesIO(data)).size == (56, 40)
+
+
+def test_ids_that_differ_only_by_extension(ensemble, tmp_path):
+    models, _ = ensemble
+    raw = tmp_path / "raw"
+    _raw_archive(raw, 3)  # ISIC_0000001.jpg is 60x40 (H x W)
+    (raw / "ISIC_0000001.png").write_bytes(png_bytes(coded_pair(9, 40, 56)[0]))
+    cfg = PredictConfig(
+        models=models,
+        source=str(raw),
+        out=str(tmp_path / "out"),
+        layout="isic",
+        tta="none",
+        executor="inline",
+        shard_size=2,
+    )
+    res = predict(cfg)
+    assert (res.n_images, res.n_errors, res.n_rejected) == (3, 0, 1)
+    [rejected] = res.rejected
+    assert (rejected["file"], rejected["reason"]) == ("ISIC_0000001.png", "duplicate_id")
+    assert "ISIC_0000001.jpg" in rejected["detail"]
+    # the first in path order is predicted, every time: the .jpg's size, not the .png's
+    mask = Image.open(tmp_path / "out" / "masks" / "ISIC_0000001_segmentation.png")
+    assert mask.size == (40, 60)
+    record = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert record["layout"] == "isic" and record["rejected"][0]["reason"] == "duplicate_id"
+    again = predict(cfg)
+    assert again.shards_run == 0 and again.n_rejected == 1
+
+
+def test_record_names_the_mask_layout(ensemble, tmp_path):
+    """crops, evaluate and export-rle read the masks' naming from predictions.json."""
+    models, _ = ensemble
+    _raw_archive(tmp_path / "raw", 2)
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "raw"),
+        out=str(tmp_path / "out"),
+        tta="none",
+        executor="inline",
+        threshold=0.5,
+        postprocess="none",
+    )  # the default layout: folder
+    assert predict(cfg).layout == "folder"
+    assert sorted(_masks(tmp_path / "out")) == ["ISIC_0000000.png", "ISIC_0000001.png"]
+    from segflow.predict.outputs import open_predictions
+
+    assert open_predictions(str(tmp_path / "out"), layout="isic").layout == "folder"
+
+
+def test_a_manifest_holding_an_id_twice_is_repaired_once(tmp_path):
+    """Manifests written before duplicate ids were refused: the shard that held the id twice
+    runs once more, then never again."""
+    from segflow.predict.run import MANIFEST, Inputs, plan_shards, shard_marker
+
+    out = Store(str(tmp_path / "out"))
+    jpg, png = ["a", "a.jpg", "a.png", "f1"], ["a", "a.png", "a.png", "f2"]
+    out.write_json(MANIFEST, {"shard_size": 4, "shards": [{"shard": 0, "items": [jpg, png]}]})
+    out.mark_complete(shard_marker(0), {"outputs": [], "errors": []})
+    inputs = Inputs([jpg], [{"file": "a.png", "id": "a", "reason": "duplicate_id"}], "folder")
+    assert plan_shards(out, inputs, 4)[0]["items"] == [jpg]
+    assert out.read_marker(shard_marker(0)) is None  # runs again, once
+    out.mark_complete(shard_marker(0), {"outputs": [], "errors": []})
+    plan_shards(out, inputs, 4)
+    assert out.read_marker(shard_marker(0)) is not None
+    assert out.read_json(MANIFEST)["rejected"][0]["reason"] == "duplicate_id"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.crops import expand_box, largest_box, masked_crop
 from segflow.geometry import from_frame, place
 from segflow.imaging import Rejected, decode_image
+from segflow.masks import expand_box, largest_box, masked_crop
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import load_ensemble
-from segflow.predict.postprocess import full_size_mask, postprocess
-from segflow.predict.run import predict, resolve_choice
+from segflow.predict.postprocess import full_size_mask, postprocess, resolve_choice
+from segflow.predict.run import predict
 from segflow.predict.single import finish, masked_crop_png, prepare, segment_bytes
 from segflow.storage import StorageOptions, Store
 from segflow.train import train
@@ -50,10 +50,15 @@ def test_segment_bytes_equals_the_batch_predictor(models, ensemble, tmp_path):
     (tmp_path / "src").mkdir()
     for name, data in inputs.items():
         (tmp_path / "src" / name).write_bytes(data)
-    cfg = PredictConfig(models=models, source=str(tmp_path / "src"), out=str(tmp_path / "out"),
-                        tta="d4", executor="inline")  # fmt: skip
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "src"),
+        out=str(tmp_path / "out"),
+        tta="d4",
+        executor="inline",
+    )
     predict(cfg)  # one batch of all three images
-    threshold, method = resolve_choice(cfg)
+    threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
     for name, data in inputs.items():
         res = segment_bytes(ensemble, data, name, threshold, method, "d4", 10**6)
         written = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name[0]}.png"))
@@ -118,13 +123,15 @@ def test_masked_crop_is_cut_from_the_full_resolution_image(ensemble):
     res = finish(prob, prepared.placement, 0.5, "none")
     png, box = masked_crop_png(prepared, res, jpeg, 10**6)
     full = np.asarray(decode_image(jpeg, "big.jpg", 10**6).image)
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))),
-                                  masked_crop(full, res.component, box, "black"))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(png))), masked_crop(full, res.component, box, "black")
+    )
     empty = finish(np.zeros((32, 32), np.float32), prepared.placement, 0.5, "none")
     assert masked_crop_png(prepared, empty, jpeg, 10**6) is None
 
 
 def test_a_tiff_is_decoded_by_name(ensemble):
-    res = segment_bytes(ensemble, tiff_bytes(coded_pair(3, 40, 56)[0]), "x.tif", 0.5, "none",
-                        "none", 10**6)  # fmt: skip
+    res = segment_bytes(
+        ensemble, tiff_bytes(coded_pair(3, 40, 56)[0]), "x.tif", 0.5, "none", "none", 10**6
+    )
     assert res.size == (40, 56)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segflow.crops import largest_box
 from segflow.errors import SegflowError
+from segflow.masks import largest_box
 from segflow.predict.config import PredictConfig
 from segflow.predict.run import predict
 from segflow.serve import ServeConfig
@@ -29,6 +29,7 @@ from tests.train.conftest import make_dataset, small_config
 # Ray Serve's own config models use pydantic-1-style Field arguments
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")
 MAX_PIXELS = 100_000  # small, so a 400x400 image is over the limit
+MAX_BYTES = 1_000_000
 
 
 def _free_port() -> int:
@@ -57,7 +58,9 @@ def server(models) -> Iterator[tuple[httpx.Client, object]]:
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    cfg = ServeConfig(models=models, port=_free_port(), max_pixels=MAX_PIXELS, tta="flips")
+    cfg = ServeConfig(
+        models=models, port=_free_port(), max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES, tta="flips"
+    )
     result = serve(cfg)
     try:
         with httpx.Client(base_url=result.url, timeout=60) as client:
@@ -81,8 +84,15 @@ def _predicted_mask(models: str, data: bytes, tmp_path: Path) -> np.ndarray:
     """What `segflow predict` writes for the same file."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "one.jpg").write_bytes(data)
-    predict(PredictConfig(models=models, source=str(tmp_path / "src"), out=str(tmp_path / "out"),
-                          tta="flips", executor="inline"))  # fmt: skip
+    predict(
+        PredictConfig(
+            models=models,
+            source=str(tmp_path / "src"),
+            out=str(tmp_path / "out"),
+            tta="flips",
+            executor="inline",
+        )
+    )
     return np.asarray(Image.open(tmp_path / "out" / "masks" / "one.png"))
 
 
@@ -118,8 +128,9 @@ def test_format_png_returns_the_png_itself(server):
     client, _ = server
     data = _image()
     as_json = client.post("/v1/segment", content=data, headers={"Content-Type": "image/jpeg"})
-    resp = client.post("/v1/segment?format=png", content=data,
-                       headers={"Content-Type": "image/jpeg"})  # fmt: skip
+    resp = client.post(
+        "/v1/segment?format=png", content=data, headers={"Content-Type": "image/jpeg"}
+    )
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
     assert resp.headers["x-model-version"] == "unversioned"
     expected = _png_array(base64.b64decode(as_json.json()["mask_png_base64"]))
@@ -139,8 +150,9 @@ def test_multipart_upload_equals_the_raw_body(server):
 def test_crop_masked_is_the_image_inside_the_component(server):
     client, _ = server
     img = coded_pair(7, 48, 64)[0]
-    resp = client.post("/v1/segment?crop=masked", content=png_bytes(img),
-                       headers={"Content-Type": "image/png"})  # fmt: skip
+    resp = client.post(
+        "/v1/segment?crop=masked", content=png_bytes(img), headers={"Content-Type": "image/png"}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     mask = _png_array(base64.b64decode(body["mask_png_base64"]))
@@ -188,7 +200,7 @@ def test_an_image_over_the_pixel_limit_is_413(server):
     assert "160,000" in body["message"] and "100,000" in body["message"]
 
 
-def test_an_unknown_version_is_404_with_the_available_ones(server):
+def test_an_unknown_version_is_404_with_the_available_ones(server, models):
     client, _ = server
     jpeg = {"Content-Type": "image/jpeg"}
     for resp in (
@@ -198,17 +210,85 @@ def test_an_unknown_version_is_404_with_the_available_ones(server):
     ):
         body = _error(resp, 404, "unknown_version")
         assert body["available"] == ["unversioned"] and "unversioned" in body["message"]
+        assert models not in resp.text and "models" not in body["message"]  # no server paths
     ok = client.post("/v1/segment?version=unversioned", content=_image(), headers=jpeg)
     assert ok.status_code == 200
 
 
 def test_multipart_without_a_file_and_bad_parameters_are_400(server):
     client, _ = server
-    _error(client.post("/v1/segment", data={"a": "b"}, files={"other": ("", b"x")}), 400,
-           "no_file")  # fmt: skip
-    _error(client.post("/v1/segment?format=gif", content=_image(),
-                       headers={"Content-Type": "image/jpeg"}), 400, "bad_parameter")  # fmt: skip
+    _error(client.post("/v1/segment", data={"a": "b"}, files={"other": ("", b"x")}), 400, "no_file")
+    _error(
+        client.post(
+            "/v1/segment?format=gif", content=_image(), headers={"Content-Type": "image/jpeg"}
+        ),
+        400,
+        "bad_parameter",
+    )
     _error(client.get("/no/such/route"), 404, "http_error")
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels (decoders refuse it from the header alone)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_413_quotes_the_servers_own_pixel_limit(server):
+    client, _ = server
+    # 20000 x 20000 = 400 MP: past Pillow's own bomb guard, which answers first
+    bomb = _png_header(20_000, 20_000)
+    resp = client.post("/v1/segment", content=bomb, headers={"Content-Type": "image/png"})
+    body = _error(resp, 413, "too_large")
+    assert "100,000" in body["message"] and "400,000,000" in body["message"]
+    assert "178" not in body["message"]
+
+
+def test_an_undecodable_tiff_is_400_not_500(server):
+    import tifffile
+
+    client, _ = server
+    buf = io.BytesIO()  # a 4-D page (depth, H, W, RGB): Pillow cannot take it
+    arr = np.zeros((2, 32, 32, 3), np.uint8)
+    tifffile.imwrite(buf, arr, photometric="rgb", volumetric=True, tile=(2, 16, 16))
+    resp = client.post(
+        "/v1/segment", content=buf.getvalue(), headers={"Content-Type": "image/tiff"}
+    )
+    assert resp.status_code in (400, 415), resp.text
+    assert resp.json()["error"] in ("unreadable", "unsupported_media_type")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_bodies_over_the_byte_limit_are_refused_before_they_are_read(server):
+    client, _ = server
+    jpeg = {"Content-Type": "image/jpeg"}
+    declared = client.post("/v1/segment", content=b"\xff" * (MAX_BYTES + 1), headers=jpeg)
+    assert "1,000,000" in _error(declared, 413, "too_large")["message"]
+
+    sent = 0
+
+    def chunks(head: bytes):  # no Content-Length: the server counts, and stops at the limit
+        nonlocal sent
+        yield head
+        for _ in range(64):
+            sent += 65_536
+            yield b"\0" * 65_536
+
+    streamed = client.post("/v1/segment", content=chunks(b"\xff\xd8\xff\xe0" * 4), headers=jpeg)
+    _error(streamed, 413, "too_large")
+    # junk that does not start like an image is refused on its first bytes
+    junk = _error(
+        client.post("/v1/segment", content=chunks(b"junk" * 4), headers=jpeg), 400, "unreadable"
+    )
+    assert "6a 75 6e 6b" in junk["message"]
+    assert client.get("/healthz").status_code == 200
 
 
 # -- the other endpoints --------------------------------------------------------------------------
@@ -244,8 +324,18 @@ def test_the_cli_has_help_json_and_config():
 
     res = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    for flag in ("--models", "--version", "--tta", "--host", "--port", "--ray-address",
-                 "--replicas", "--gpus-per-replica", "--json", "--config"):  # fmt: skip
+    for flag in (
+        "--models",
+        "--version",
+        "--tta",
+        "--host",
+        "--port",
+        "--ray-address",
+        "--replicas",
+        "--gpus-per-replica",
+        "--json",
+        "--config",
+    ):
         assert flag in res.output
 
 
@@ -268,11 +358,17 @@ def test_a_versioned_models_url_serves_its_record(models, tmp_path):
 
     root = tmp_path / "models"
     shutil.copytree(models, root / "runs" / "r1")
-    record = {"version": "r1", "run": "runs/r1", "created_at": "2026-01-01T00:00:00Z",
-              "dataset": {"url": "ds", "content_hash": "h", "n_images": 16},
-              "config": {"folds": 2}, "folds": [0, 1], "scores": {"oof_tj": 0.5},
-              "choice": {"threshold": 0.35, "postprocess": "lcc"},
-              "code_version": "abc"}  # fmt: skip
+    record = {
+        "version": "r1",
+        "run": "runs/r1",
+        "created_at": "2026-01-01T00:00:00Z",
+        "dataset": {"url": "ds", "content_hash": "h", "n_images": 16},
+        "config": {"folds": 2},
+        "folds": [0, 1],
+        "scores": {"oof_tj": 0.5},
+        "choice": {"threshold": 0.35, "postprocess": "lcc"},
+        "code_version": "abc",
+    }
     write_version(str(root), record)
     latest = resolve(ServeConfig(models=str(root)))
     assert (latest.version.id, latest.threshold, latest.postprocess) == ("r1", 0.35, "lcc")
@@ -301,16 +397,32 @@ def test_replicas_that_cannot_be_placed_fail_locally_and_warn_on_a_cluster(caplo
 # -- the multipart parser -------------------------------------------------------------------------
 def test_multipart_parser_is_exact_on_binary_content():
     payload = bytes(range(256)) * 4 + b"\r\n\r\n--\r\n\r"  # CR/LF runs, dashes, a trailing CR
-    req = httpx.Request("POST", "http://x/", files={"file": ("a b.tif", payload, "image/tiff")},
-                        data={"x": "1"})  # fmt: skip
+    req = httpx.Request(
+        "POST", "http://x/", files={"file": ("a b.tif", payload, "image/tiff")}, data={"x": "1"}
+    )
     data, name = parse_multipart(req.read(), req.headers["content-type"])
     assert data == payload and name == "a b.tif"
 
 
+def test_multipart_parser_caps_the_parts():
+    tiny = b"".join(
+        b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(200)
+    )
+    with pytest.raises(HTTPError, match="more than 16 parts"):
+        parse_multipart(tiny + b"--B--\r\n", "multipart/form-data; boundary=B")
+    few = b"".join(
+        b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(3)
+    )
+    last = b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nIMG\r\n--B--\r\n'
+    assert parse_multipart(few + last, "multipart/form-data; boundary=B") == (b"IMG", None)
+
+
 def test_multipart_parser_takes_a_named_part_without_a_filename():
     boundary = "XyZ"
-    body = (b"preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n"
-            b"\x89PNG\r\n--XyZ--\r\n")  # fmt: skip
+    body = (
+        b'preamble\r\n--XyZ\r\nContent-Disposition: form-data; name="file"\r\n\r\n'
+        b"\x89PNG\r\n--XyZ--\r\n"
+    )
     assert parse_multipart(body, f"multipart/form-data; boundary={boundary}") == (
         b"\x89PNG",
         None,

@@ -16,7 +16,9 @@ class PredictConfig(StageConfig):
     out: str = Field(description="URL to write masks (and probabilities) to")
     dataset: str | None = Field(None, description="predict every row of this Zarr dataset")
     source: str | None = Field(None, description="or: predict raw files from this URL")
-    layout: Literal["isic", "nerve", "folder"] = "folder"
+    layout: Literal["isic", "nerve", "folder"] = Field(
+        "folder", description="isic names masks <id>_segmentation.png, the others <id>.png"
+    )
     image_glob: str = Field("*", description="folder layout: which files are images")
     folds: str = Field("all", description="'all' or a list like '0,2'")
     tta: Literal["d4", "flips", "none"] = "flips"
@@ -34,9 +36,16 @@ class PredictConfig(StageConfig):
     io_threads: int | None = Field(None, ge=1, description="decode/write threads per worker")
 
     runtime_fields = frozenset(
-        {"storage", "executor", "ray_address", "gpus_per_worker", "workers", "batch_size",
-         "io_threads"}
-    )  # fmt: skip
+        {
+            "storage",
+            "executor",
+            "ray_address",
+            "gpus_per_worker",
+            "workers",
+            "batch_size",
+            "io_threads",
+        }
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> PredictConfig:

@@ -13,16 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segflow.crops import Box, encode, expand_box, largest_box, masked_crop
+from segflow import png
 from segflow.geometry import Placement, place
 from segflow.imaging import Decoded, decode_image, image_to_frame
+from segflow.masks import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_MARGIN,
+    Box,
+    encode,
+    expand_box,
+    largest_box,
+    masked_crop,
+)
 from segflow.predict.ensemble import Ensemble
 from segflow.predict.postprocess import full_size_mask
 from segflow.train.model import ModelSpec
-
-#: the crops stage's defaults (``segflow crops --mode masked``)
-CROP_MARGIN = 0.1
-CROP_BACKGROUND = "black"
 
 
 @dataclass
@@ -52,7 +57,7 @@ class SingleResult:
 
     def mask_png(self) -> bytes:
         """The mask as a 0/255 greyscale PNG, as ``segflow predict`` writes it."""
-        return encode(self.mask.astype(np.uint8) * 255, "png")
+        return png.encode(self.mask.astype(np.uint8) * 255)
 
 
 def prepare(data: bytes, name: str, spec: ModelSpec, max_pixels: int) -> Prepared:
@@ -98,8 +103,8 @@ def masked_crop_png(
     result: SingleResult,
     data: bytes,
     max_pixels: int,
-    margin: float = CROP_MARGIN,
-    background: str = CROP_BACKGROUND,
+    margin: float = DEFAULT_MARGIN,
+    background: str = DEFAULT_BACKGROUND,
 ) -> tuple[bytes, Box] | None:
     """The image cut to the largest component's box (widened by ``margin``) with everything
     outside the component set to ``background``, as a PNG, and the box; ``None`` for an empty

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -31,15 +32,40 @@ from segflow.serve.service import Service, VersionMismatch
 log = logging.getLogger("segflow.serve")
 VERSION_HEADER = "X-Model-Version"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+_SEND_IMAGE = "send a JPEG, PNG, TIFF or BMP"
+#: the first bytes of the formats the server decodes (segflow.imaging.IMAGE_SUFFIXES; WebP's
+#: RIFF....WEBP is checked apart)
+_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"II*\x00",  # TIFF, little- and big-endian, and BigTIFF
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"BM",
+    b"GIF87a",
+    b"GIF89a",
+)
+_SNIFF_BYTES = 12
+#: a multipart body holds one file; a few more parts (form fields) are tolerated
+MAX_PARTS = 16
 
 
 class HTTPError(Exception):
     """A request the server refuses: ``status``, a short ``reason`` and a ``message`` that says
     what was received and what to send instead."""
 
-    def __init__(self, status: int, reason: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.extra = status, reason, message, extra
+        self.headers = headers
 
 
 # -- response bodies (also the OpenAPI schema) --------------------------------------------------
@@ -159,9 +185,14 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
     try:
         prepared = service.prepare(data, name)
     except Rejected as r:
-        status = 413 if r.reason == "too_large" else 400
-        hint = "send a smaller image" if status == 413 else "send a JPEG, PNG, TIFF or BMP"
-        raise HTTPError(status, r.reason, f"{r.detail}; {hint}") from None
+        raise _refused_image(r, service.cfg.max_pixels) from None
+    except Exception as e:  # whatever a decoder raises on a bad file is the client's 400
+        log.info("undecodable upload %s: %s: %s", name, type(e).__name__, e)
+        raise HTTPError(
+            400,
+            "unreadable",
+            f"the image cannot be decoded ({type(e).__name__}); {_SEND_IMAGE}",
+        ) from None
     result = service.segment(prepared)
     png = result.mask_png()
     cropped = None
@@ -171,6 +202,23 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
     if fmt == "png":
         return Response(png, media_type="image/png", headers=_png_headers(service, result, ms))
     return _json_body(service, result, png, cropped, ms)
+
+
+def _refused_image(r: Rejected, max_pixels: int) -> HTTPError:
+    if r.reason != "too_large":
+        return HTTPError(400, r.reason, f"{r.detail}; {_SEND_IMAGE}")
+    # the decoder's own message may quote another limit (Pillow's bomb guard): quote ours
+    if f"{max_pixels:,}" in r.detail:
+        detail = r.detail
+    else:
+        size = re.search(r"\((\d+) pixels\)", r.detail)
+        detail = f"the image has {int(size[1]):,} pixels" if size else "the image is too large"
+    return HTTPError(
+        413,
+        "too_large",
+        f"{detail}; this server takes images of at most {max_pixels:,} pixels: send a smaller "
+        "image",
+    )
 
 
 def _json_body(service: Service, result: SingleResult, png: bytes, cropped, ms: float) -> Any:
@@ -218,9 +266,10 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
             "Content-Type: image/<type> (curl --data-binary @x.jpg -H 'Content-Type: "
             "image/jpeg') or a multipart/form-data upload with a file field (curl -F file=@x.jpg)",
         )
-    body = await _read_body(request, max_bytes)
+    body = await _read_body(request, max_bytes, sniff=kind != "multipart/form-data")
     if kind == "multipart/form-data":
-        data, filename = parse_multipart(body, ctype)
+        # off the event loop: a body of many tiny parts must not stall other requests
+        data, filename = await run_in_threadpool(parse_multipart, body, ctype)
         name = filename or "upload"
     else:
         data, name = body, f"upload.{kind.removeprefix('image/')}"
@@ -229,23 +278,53 @@ async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
     return data, _decoder_name(name, data)
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, max_bytes: int, sniff: bool = False) -> bytes:
+    """The body, refused (413) by its declared length before any byte is read, else as soon
+    as the bytes counted so far pass the limit.
+
+    Serve's proxy reads a body as fast as the client sends it and queues it until this
+    replica asks for it: the sooner the answer, the less it queues. So the answer comes
+    before any read when the length is declared, the stream is pulled without a pause while
+    counted, and a 413 says ``Connection: close``: the proxy stops reading the rest of the
+    body instead of draining it for a next request. With ``sniff``, a body whose first bytes
+    are no image signature is refused (400) as soon as they arrive."""
     too_big = HTTPError(
         413,
         "too_large",
         f"the request body is over the limit of {max_bytes:,} bytes; send a smaller image or "
         "start the server with a larger max_bytes",
+        headers={"Connection": "close"},
     )
-    declared = request.headers.get("content-length", "")
+    declared = request.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_big
-    chunks, size = [], 0
+    chunks, size, sniffed = [], 0, not sniff
     async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
         size += len(chunk)
         if size > max_bytes:
             raise too_big
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not sniffed and size >= _SNIFF_BYTES:
+            _check_signature(b"".join(chunks)[:_SNIFF_BYTES])
+            sniffed = True
+    body = b"".join(chunks)
+    if not sniffed and body:
+        _check_signature(body)
+    return body
+
+
+def _check_signature(head: bytes) -> None:
+    """Refuse a raw body that does not start like an image the server decodes, before the
+    rest of it is read: junk costs the server its first bytes, not its whole length."""
+    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return
+    raise HTTPError(
+        400,
+        "unreadable",
+        f"the body does not start like a JPEG, PNG, TIFF, BMP, GIF or WebP image (first bytes "
+        f"{head[:8].hex(' ')}); {_SEND_IMAGE}",
+        headers={"Connection": "close"},
+    )
 
 
 def _decoder_name(name: str, data: bytes) -> str:
@@ -258,7 +337,8 @@ def _decoder_name(name: str, data: bytes) -> str:
 def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
     """``(bytes, filename)`` of the first file part of a ``multipart/form-data`` body: the
     part named ``file``, or any part with a filename (RFC 7578). The body is split on its
-    boundary as bytes (exact for binary data); each part's headers go through ``email``."""
+    boundary as bytes (exact for binary data), at most :data:`MAX_PARTS` parts; each part's
+    headers go through ``email``."""
     boundary = _param(content_type, "boundary")
     if not boundary:
         raise HTTPError(
@@ -267,21 +347,44 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, str | None]:
             f"Content-Type {content_type!r} has no boundary; let the HTTP client build the "
             "multipart body (curl -F file=@x.jpg)",
         )
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
-        if chunk.startswith(b"--"):  # the close delimiter: no more parts
+    delimiter = b"--" + boundary.encode("latin-1")
+    # the first delimiter may open the body; every later one follows a CRLF
+    start = 0 if body.startswith(delimiter) else body.find(b"\r\n" + delimiter)
+    if start < 0:
+        raise HTTPError(400, "bad_multipart", _NO_DELIMITER)
+    start = start if start == 0 else start + 2
+    delimiter = b"\r\n" + delimiter
+    pos = start + len(delimiter) - 2
+    for _ in range(MAX_PARTS):
+        if body.startswith(b"--", pos):  # the close delimiter: no more parts
             break
-        headers, content = _split_part(chunk)
+        end = body.find(delimiter, pos)
+        end = len(body) if end < 0 else end  # no close delimiter: the part runs to the end
+        headers, content = _split_part(body[pos:end])
         name = headers.get_param("name", header="content-disposition")
         filename = headers.get_filename()
         if name == "file" or filename:
             return content, filename
+        pos = end + len(delimiter)
+    else:
+        if not body.startswith(b"--", pos):
+            raise HTTPError(
+                400,
+                "bad_multipart",
+                f"the multipart body has more than {MAX_PARTS} parts before a file part; send "
+                "the image in a field named 'file' (curl -F file=@x.jpg)",
+            )
     raise HTTPError(
         400,
         "no_file",
         "the multipart body has no file part; send the image in a field named 'file' "
         "(curl -F file=@x.jpg)",
     )
+
+
+_NO_DELIMITER = (
+    "the multipart body does not follow its boundary; send a complete multipart/form-data body"
+)
 
 
 def _split_part(chunk: bytes) -> tuple[Message, bytes]:
@@ -316,15 +419,17 @@ def _param(header_value: str, name: str) -> str | None:
 
 
 # -- errors -------------------------------------------------------------------------------------
-def error_response(status: int, reason: str, message: str, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     body = {"error": reason, "message": message, "status": status, **extra}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _refused(_: Request, e: HTTPError) -> JSONResponse:
-        return error_response(e.status, e.reason, e.message, **e.extra)
+        return error_response(e.status, e.reason, e.message, e.headers, **e.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -82,14 +82,26 @@ def serve(cfg: ServeConfig) -> ServeResult:
     except RuntimeError as e:  # Serve reports a replica that failed to start this way
         raise SegflowError(f"the model server did not start: {e}") from None
     url = f"http://{_url_host(cfg.host)}:{cfg.port}"
-    log.info("serving model version %s at %s (%d replica(s), %s GPU and %d CPU each)",
-             resolved.version.id, url, cfg.replicas, gpus, cpus)  # fmt: skip
+    log.info(
+        "serving model version %s at %s (%d replica(s), %s GPU and %d CPU each)",
+        resolved.version.id,
+        url,
+        cfg.replicas,
+        gpus,
+        cpus,
+    )
     return ServeResult(
-        url=url, version=resolved.version.id, models=cfg.models, replicas=cfg.replicas,
-        gpus_per_replica=gpus, cpus_per_replica=cpus, tta=cfg.tta,
-        threshold=resolved.threshold, postprocess=resolved.postprocess,
+        url=url,
+        version=resolved.version.id,
+        models=cfg.models,
+        replicas=cfg.replicas,
+        gpus_per_replica=gpus,
+        cpus_per_replica=cpus,
+        tta=cfg.tta,
+        threshold=resolved.threshold,
+        postprocess=resolved.postprocess,
         seconds=round(time.perf_counter() - t0, 2),
-    )  # fmt: skip
+    )
 
 
 def stop() -> None:

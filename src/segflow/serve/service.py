@@ -66,14 +66,9 @@ def _choice(version: ModelVersion, storage: StorageOptions) -> tuple[float, str]
     choice = version.record.get("choice") or {}
     if "threshold" in choice and "postprocess" in choice:
         return float(choice["threshold"]), str(choice["postprocess"])
-    from segflow.predict.config import PredictConfig
-    from segflow.predict.run import resolve_choice
+    from segflow.predict.postprocess import resolve_choice
 
-    # resolve_choice reads only models, threshold, postprocess and storage; the source and
-    # out are required by the config but never touched
-    cfg = PredictConfig(models=version.models, source=version.models, out=version.models,
-                        threshold="auto", postprocess="auto", storage=storage)  # fmt: skip
-    return resolve_choice(cfg)
+    return resolve_choice(version.models, storage)
 
 
 def _read_json(url: str, storage: StorageOptions, rel: str) -> dict[str, Any] | None:
@@ -113,8 +108,12 @@ class Service:
         )
         spec = self.ensemble.spec
         frame = {"size": list(spec.dataset_size), "resize": spec.resize}
-        self.info = {**resolved.info, "folds": self.ensemble.folds, "frame": frame,
-                     "device": self.ensemble.device.type}  # fmt: skip
+        self.info = {
+            **resolved.info,
+            "folds": self.ensemble.folds,
+            "frame": frame,
+            "device": self.ensemble.device.type,
+        }
         # Requests decode, post-process and encode in parallel threads; the model runs one
         # request at a time, as torch already spreads one forward pass over every core.
         self._model_lock = threading.Lock()
@@ -130,9 +129,10 @@ class Service:
         if requested == LATEST and self.resolved.follows_latest:
             return
         known = list_versions(self.cfg.models, self.cfg.storage) or [self.version]
+        # the message goes to any client: it names versions, never where the models are kept
         raise VersionMismatch(
             f"model version {requested!r} is not served here: this server serves "
-            f"{self.version!r}; versions under {self.cfg.models}: {known}. Start "
+            f"{self.version!r}; known versions: {known}. Ask the operator to start "
             f"`segflow serve --version {requested}` to serve another one",
             known,
         )
@@ -143,5 +143,5 @@ class Service:
     def segment(self, prepared: Prepared) -> SingleResult:
         with self._model_lock:
             prob = predict_one(self.ensemble, prepared, self.cfg.tta)
-        return finish(prob, prepared.placement, self.resolved.threshold,
-                      self.resolved.postprocess)  # fmt: skip
+        resolved = self.resolved
+        return finish(prob, prepared.placement, resolved.threshold, resolved.postprocess)
