@@ -89,7 +89,7 @@ def list_inputs(cfg: PredictConfig) -> Inputs:
     changes when the input's content may have (the row's content hash, or the object's
     ETag/mtime and size)."""
     if cfg.dataset:
-        from segflow.ingest.dataset import Dataset
+        from segflow.dataset import Dataset
 
         ds = Dataset(Store(cfg.dataset, cfg.storage))
         layout = mask_layout(str(ds.attrs.get("layout")))
