@@ -144,6 +144,10 @@ def _setup(cfg: TrainConfig, fold: int, out: Store, dataset: Dataset) -> Run:
         from segflow.train.weights import load_encoder_weights
 
         load_encoder_weights(model, cfg.encoder, cfg.encoder_weights, cfg.storage)
+    if cfg.init_from != "none":  # a warm start: the whole network from a trained version
+        from segflow.train.warmstart import load_init
+
+        load_init(model, cfg, fold, spec)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.loop import FoldResult, ensure_oof_array, fit_fold, set_threads
 from segflow.train.splits import SPLITS, load_or_create_splits
+from segflow.train.warmstart import pin_init
 
 log = logging.getLogger("segflow.train")
 
@@ -38,6 +39,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
+    cfg = pin_init(cfg)  # every fold warm-starts from the same version, even if production moves
     fold_ids = prepare_run(cfg)
     if cfg.executor == "inline":
         results = [_guarded(cfg, f) for f in fold_ids]
