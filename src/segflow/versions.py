@@ -135,6 +135,23 @@ def write_version(
     return url
 
 
+def update_record(
+    models_url: str, version: str, storage: StorageOptions | None = None, **sections: Any
+) -> dict[str, Any]:
+    """Add or replace top-level sections (e.g. ``gate``) of ``versions/<id>.json``, and of
+    ``latest.json`` when it is that version; returns the new record."""
+    root = Store(models_url, storage)
+    rel = f"{VERSIONS}/{version}.json"
+    if not root.exists(rel):
+        raise VersionNotFound(f"model version {version!r} not found at {root.url}")
+    record = {**root.read_json(rel), **sections}
+    root.write_json(rel, record)
+    latest = f"{VERSIONS}/{LATEST}.json"
+    if root.exists(latest) and root.read_json(latest).get("version") == version:
+        root.write_json(latest, record)
+    return record
+
+
 def _from_record(root: Store, record: dict[str, Any]) -> ModelVersion:
     run = record.get("run", "")
     return ModelVersion(str(record["version"]), root.child(run).url if run else root.url, record)

@@ -35,6 +35,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "predict": ("predict", "train/model.py", "imaging.py", "png.py", "geometry.py", "storage.py"),
     "evaluate": ("evaluate.py", "imaging.py", "png.py", "geometry.py", "storage.py"),
     "crops": ("crops.py", "imaging.py", "png.py", "storage.py"),
+    "gate": ("gate.py", "versions.py", "predict", "metrics.py", "ingest/dataset.py"),
 }
 
 
