@@ -97,6 +97,10 @@ def run_gate(
     if benchmark is None:
         production = read_aliases(models_url, storage).get(PRODUCTION)
         reason = "no gate.benchmark configured: the aliases were not moved"
+        create_markdown_artifact(
+            f"# Not gated: `{vid}`\n\n* why: {reason}\n* production: `{production}`",
+            key="promotion", description=f"gate decision for {vid}: {NOT_GATED}",
+        )  # fmt: skip
         return {"decision": NOT_GATED, "promoted": False, "reason": reason, "version": vid,
                 "champion": production, "production": production}  # fmt: skip
     evaluation = cached(evaluate_challenger)(gate, models_url, version, benchmark, tta, storage)

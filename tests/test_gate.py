@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -128,8 +127,9 @@ def test_rollback_then_predict_uses_previous(world, tmp_path: Path, caplog):
         ])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "production -> good" in caplog.text
-    manifest = Store(world["loc"].url("pred-after-rollback"), st).read_json("manifest.json")
-    assert "runs/good" in json.dumps(manifest)
+    # the masks' identity record names the model folder they came from
+    identity = Store(world["loc"].url("pred-after-rollback"), st).read_json("_shards/identity.json")
+    assert identity["models"].rstrip("/").endswith("runs/good")
 
 
 def test_benchmark_sharing_training_pixels_is_refused(world):
@@ -199,3 +199,23 @@ def _first_val_loss(run: Store) -> float:
     rows = list(csv.DictReader(io.StringIO(run.read_bytes("fold-0/metrics.csv").decode())))
     key = next(k for k in rows[0] if "val" in k and "loss" in k)
     return float(rows[0][key])
+
+
+def test_a_benchmark_is_frozen_by_content_hash(location):
+    from segflow.ingest import IngestConfig, ingest
+
+    train = ingest_lesions(location, "train", [0, 1, 2, 3])
+    raw = location.store("bench-raw")
+    write_lesions(raw, [300, 301, 302])
+    bench = location.url("bench.zarr")
+    icfg = IngestConfig(layout="isic", source=raw.url, dataset=bench, size=(32, 32),
+                        storage=location.storage, workers=1)  # fmt: skip
+    ingest(icfg)
+    gate = GateConfig(benchmark=bench)
+    models = location.url("models")
+    first = prepare_benchmark(gate, models, train, location.storage)
+    assert first.n_images == 3 and prepare_benchmark(gate, models, train, location.storage) == first
+    write_lesions(raw, [303])  # someone adds an image to the yardstick
+    ingest(icfg)
+    with pytest.raises(BenchmarkError, match="changed: its content hash was"):
+        prepare_benchmark(gate, models, train, location.storage)

@@ -3,7 +3,7 @@ than the current one on a frozen benchmark.
 
 * The benchmark (``gate.benchmark``) is an ingested dataset, or raw images plus truth masks
   that are ingested once into ``<models>/benchmarks/<hash>.zarr`` with the training dataset's
-  geometry. It is versioned by its content hash and frozen: ``versions/benchmarks.json``
+  geometry. It is versioned by its content hash and frozen: ``benchmarks/frozen.json``
   remembers the hash of every benchmark URL, and a URL whose content changed is refused.
 * Training refuses a benchmark that shares images with the training dataset, compared by the
   hash of the decoded pixels (and of the source bytes), never by file name.
@@ -33,7 +33,6 @@ from segflow.ingest.dataset import Dataset, open_group
 from segflow.storage import StorageOptions, Store, sha256_json
 from segflow.versions import (
     PRODUCTION,
-    VERSIONS,
     ModelVersion,
     move_production,
     read_aliases,
@@ -42,7 +41,7 @@ from segflow.versions import (
 )
 
 log = logging.getLogger("segflow.gate")
-BENCHMARKS = f"{VERSIONS}/benchmarks.json"
+BENCHMARKS = "benchmarks/frozen.json"
 PROMOTED, NOT_PROMOTED, NOT_GATED = "promoted", "not promoted", "not gated"
 _MEANS = ("dice", "jaccard", "thresholded_jaccard")
 
