@@ -29,6 +29,9 @@ from tests.conftest import Location, make_bucket
 from tests.lifecycle.helpers import ingest_lesions, train_version, write_lesions
 
 TRAIN, BENCH = list(range(32)), list(range(200, 216))
+# the module's models are trained once per location; on a shared 2-core machine that alone can
+# take minutes
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module", params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -44,8 +47,9 @@ def world(request, tmp_path_factory):
     good = ingest_lesions(loc, "good", TRAIN)
     bad = ingest_lesions(loc, "bad", TRAIN, shuffle=True)
     models = loc.url("models")
-    train_version(models, "good", good, loc.storage, epochs=8, fold_ids=[0])
-    train_version(models, "bad", bad, loc.storage, epochs=8, fold_ids=[0])
+    # batches of 4: 4 steps an epoch, enough for "good" to learn where the box is
+    train_version(models, "good", good, loc.storage, epochs=8, fold_ids=[0], batch_size=4)
+    train_version(models, "bad", bad, loc.storage, epochs=8, fold_ids=[0], batch_size=4)
     bench_raw = loc.store("bench")
     write_lesions(bench_raw, BENCH)
     gate = GateConfig(benchmark=bench_raw.url, tta="none", bootstrap=500)
@@ -69,7 +73,7 @@ def test_worse_challenger_is_refused_and_production_stays(world):
     _set_production(world, "good")
     events = len(read_history(world["models"], world["loc"].storage))
     record = _gate(world, "bad")
-    assert record["decision"] == "not promoted" and not record["promote"]
+    assert record["decision"] == "not promoted" and not record["promote"], record["reason"]
     assert (
         "challenger thresholded Jaccard" in record["reason"]
         and "< champion good" in record["reason"]
@@ -145,17 +149,23 @@ def test_benchmark_sharing_training_pixels_is_refused(world):
 
 
 def test_warm_start_loads_the_champion(world):
-    """Fold 0 from production ("good") versus a cold start, one epoch each on the same data:
-    the warm start's first validation loss is far below the cold one's."""
+    """Fold 0 from production ("good") versus a cold start, one epoch each on the same data
+    with a small learning rate: the warm start's first validation loss is where the champion
+    ended, far below the cold one's (a fresh Adam at a large rate would first shake the loaded
+    weights)."""
     st = world["loc"].storage
     _set_production(world, "good")
     losses = {}
     for name, init in (("cold", "none"), ("warm", "production")):
-        out = train_version(world["models"], f"ws-{name}", world["good"], st, epochs=1,
-                            fold_ids=[0], init_from=init, init_models=world["models"])  # fmt: skip
+        out = train_version(
+            world["models"], f"ws-{name}", world["good"], st, epochs=1, fold_ids=[0],
+            init_from=init, init_models=world["models"], lr=1e-4,
+        )  # fmt: skip
         assert out["cfg"].init_from == init
         losses[name] = _first_val_loss(Store(out["cfg"].models, st))
-    assert losses["warm"] < 0.5 * losses["cold"], losses
+    champion = min(_val_losses(Store(f"{world['models']}/runs/good", st)))
+    assert losses["warm"] < 0.7 * losses["cold"], losses
+    assert losses["warm"] < champion + 0.1, (losses, champion)
 
 
 def test_warm_start_pins_hashes_and_checks_the_architecture(world):
@@ -195,10 +205,14 @@ def test_decision_rule_and_bootstrap():
     assert 0.0 < lo < 0.05 < hi < 0.1
 
 
-def _first_val_loss(run: Store) -> float:
+def _val_losses(run: Store) -> list[float]:
     rows = list(csv.DictReader(io.StringIO(run.read_bytes("fold-0/metrics.csv").decode())))
-    key = next(k for k in rows[0] if "val" in k and "loss" in k)
-    return float(rows[0][key])
+    key = next(k for k in rows[0] if "val" in k and "loss" in k)  # however it is named
+    return [float(r[key]) for r in rows]
+
+
+def _first_val_loss(run: Store) -> float:
+    return _val_losses(run)[0]
 
 
 def test_a_benchmark_is_frozen_by_content_hash(location):
