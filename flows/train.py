@@ -8,10 +8,12 @@ from typing import Any
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from segflow.gate import GateConfig
 from segflow.pipeline.artifacts import describe_run, publish_training
 from segflow.pipeline.config import FlowConfig
 from segflow.pipeline.stages import training_run
 from segflow.tasks.common import segflow_flow, start_flow
+from segflow.tasks.gate import check_benchmark, final_state, run_gate
 from segflow.tasks.train import (
     choose_postprocessing,
     evaluate_oof,
@@ -35,7 +37,12 @@ def train_flow(
     cfg = FlowConfig.parse(config)
     cached = start_flow(models_url, cfg.storage)
 
+    gate = GateConfig.parse(cfg.gate)
     dataset = cached(ingest_dataset)(cfg.ingest_config(dataset_source, layout, models_url))
+    # before any training: a benchmark that shares images with the training data is refused
+    bench = None
+    if gate.benchmark:
+        bench = cached(check_benchmark)(gate, models_url, dataset, cfg.storage)
     train_cfg = training_run(cfg, models_url, dataset)
     describe_run(
         "train",
@@ -57,10 +64,14 @@ def train_flow(
     version = cached(record_model_version)(train_cfg, models_url, plan, folds, oof, choice)
     overlays = cached(render_overlays)(train_cfg, plan, version)
     publish_training(version, overlays, cfg.storage)
-    return {
+    tta = cfg.predict.get("tta", "flips")
+    promotion = run_gate(cached, gate, models_url, version, bench, tta, cfg.storage)
+    result = {
         "version": version.version,
+        "promotion": {k: v for k, v in promotion.items() if k != "record"},
         "record": version.url,
         "dataset": dataset.model_dump(),
         "oof": oof.overall,
         "choice": choice.model_dump(include={"threshold", "postprocess"}),
     }
+    return final_state(result, promotion)  # Completed; its message says "not promoted" and why

@@ -88,6 +88,19 @@ def _options(config: Path | None, **flags: Any) -> dict[str, Any]:
     return opts
 
 
+_VERSION_HELP = (
+    "model version: id, production, previous or latest (default: production, else latest)"
+)
+
+
+def _version_folder(models: str, version: str | None, storage) -> str:
+    """The run folder of ``version`` (default production, else latest) of a models URL with
+    versions/; a plain `segflow train` output is its own folder."""
+    from segflow.versions import resolve_version
+
+    return resolve_version(models, version, storage).models
+
+
 def _require(opts: dict[str, Any], command: str, *names: str) -> None:
     missing = [n for n in names if not opts.get(n)]
     if missing:
@@ -278,6 +291,7 @@ def predict(
     gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker")] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per model batch")] = None,
     shard_size: Annotated[int | None, typer.Option(help="inputs per resumable shard")] = None,
+    version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -306,6 +320,7 @@ def predict(
         shard_size=shard_size,
         storage=_storage(endpoint_url),
     )
+    cfg = cfg.model_copy(update={"models": _version_folder(cfg.models, version, cfg.storage)})
     result = run_predict(cfg, progress=None if as_json else _progress_bar())
     human = (
         f"\n{result.n_images} masks in {result.out}/masks ({result.shards_run} of "
@@ -441,7 +456,7 @@ def crops(
 @app.command()
 def serve(
     models: Annotated[str | None, typer.Option(help="URL of the trained models")] = None,
-    version: Annotated[str | None, typer.Option(help="model version (default: latest)")] = None,
+    version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
     tta: Annotated[str | None, typer.Option(help="d4 | flips | none", show_default="flips")] = None,
     host: Annotated[str | None, typer.Option(help="bind address", show_default="127.0.0.1")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port", show_default="8000")] = None,
@@ -538,6 +553,72 @@ def demo_data(
         raise SegflowError(str(e)) from None
     summary = {"out": result.out, "n": result.n, "size": list(result.size)}
     _emit(summary, as_json, f"wrote {result.n} image/mask pairs to {result.out}")
+
+
+models_app = typer.Typer(
+    help="Model versions: list, show, promote, rollback (the production alias).",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+ModelsOpt = Annotated[str, typer.Option("--models", help="models URL (holds versions/)")]
+
+
+@models_app.command("list")
+def models_list(models: ModelsOpt, endpoint_url: StorageOpt = None, as_json: JsonOpt = False):
+    """One row per version: id, created, data, OOF and benchmark scores, gate, aliases."""
+    from segflow.registry import list_rows
+
+    rows = list_rows(models, _storage_options(endpoint_url))
+    cols = ("id", "created", "dataset_hash", "n_images", "oof_tj", "bench_tj", "gate", "aliases")
+    lines = ["  ".join(cols)] + [
+        "  ".join(",".join(r[c]) if c == "aliases" else str(r[c]) for c in cols) for r in rows
+    ]
+    _emit({"versions": rows}, as_json, "\n".join(lines))
+
+
+@models_app.command("show")
+def models_show(
+    version_id: Annotated[str, typer.Argument(help="version id or alias")],
+    models: ModelsOpt,
+    endpoint_url: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole version record."""
+    from segflow.registry import show
+
+    record = show(models, version_id, _storage_options(endpoint_url))
+    _emit(record, as_json, json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    version_id: Annotated[str, typer.Argument(help="version id to make production")],
+    models: ModelsOpt,
+    reason: Annotated[str, typer.Option(help="why (recorded in the history)")],
+    endpoint_url: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a version production by hand; recorded in versions/history/."""
+    from segflow.registry import promote
+
+    aliases = promote(models, version_id, reason, storage=_storage_options(endpoint_url))
+    human = f"production: {aliases['production']} (previous: {aliases['previous']})"
+    _emit(aliases, as_json, human)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    models: ModelsOpt,
+    reason: Annotated[str, typer.Option(help="why (recorded in the history)")] = "rollback",
+    endpoint_url: StorageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Production goes back to the previous version; recorded in versions/history/."""
+    from segflow.registry import rollback
+
+    aliases = rollback(models, reason, storage=_storage_options(endpoint_url))
+    human = f"production: {aliases['production']} (previous: {aliases['previous']})"
+    _emit(aliases, as_json, human)
 
 
 @app.command()

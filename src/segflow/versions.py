@@ -16,20 +16,48 @@ out-of-fold threshold and post-processing), plus ``code_version``.
 
 A models URL without ``versions/`` is a plain ``segflow train`` output: it is its own run,
 with the version id ``unversioned``.
+
+Aliases (``production``, ``previous``) and their history::
+
+      versions/history/<time>-<uuid>.json   one object per alias move, never rewritten
+      versions/aliases.json                 the aliases, derived from the history
+
+Object stores have no locks, and a compare-and-swap (S3 conditional writes, GCS generations)
+is not available on every store segflow runs on (MinIO versions, local folders). So the history
+is the source of truth: every move is a *new* object with a unique, time-ordered name (two
+writers can never overwrite each other's event), and the aliases are a pure function of the
+sorted history. ``aliases.json`` is that function's result, written atomically after each event
+and rewritten until the history it was derived from is still the whole history: whichever
+writer finishes last has seen every earlier event, so concurrent promotions end in one
+consistent alias and a complete history, in the order of the event names.
 """
 
 from __future__ import annotations
 
+import getpass
+import logging
+import os
 import posixpath
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from segflow.errors import SegflowError
 from segflow.storage import StorageOptions, Store
 
+log = logging.getLogger("segflow.versions")
+
 VERSIONS = "versions"
 LATEST = "latest"
 UNVERSIONED = "unversioned"
+PRODUCTION = "production"
+PREVIOUS = "previous"
+ALIASES = f"{VERSIONS}/aliases.json"
+HISTORY = f"{VERSIONS}/history"
+_NOT_IDS = {LATEST, "aliases"}
 
 
 class VersionNotFound(SegflowError):
@@ -50,9 +78,10 @@ def list_versions(models_url: str, storage: StorageOptions | None = None) -> lis
         return []
     names = [
         posixpath.basename(f.rel).removesuffix(".json")
-        for f in root.list(VERSIONS, pattern="*.json")
+        for f in root.list(VERSIONS, pattern=f"{VERSIONS}/*.json")
+        if posixpath.dirname(f.rel) == VERSIONS
     ]
-    ids = [n for n in names if n != LATEST]
+    ids = [n for n in names if n not in _NOT_IDS and "/" not in n]
     created = {i: root.read_json(f"{VERSIONS}/{i}.json").get("created_at", "") for i in ids}
     return sorted(ids, key=lambda i: (created[i], i))
 
@@ -60,8 +89,21 @@ def list_versions(models_url: str, storage: StorageOptions | None = None) -> lis
 def resolve_version(
     models_url: str, version: str | None = None, storage: StorageOptions | None = None
 ) -> ModelVersion:
-    """The version ``version`` (default: the latest) of the models at ``models_url``."""
+    """The version ``version`` of the models at ``models_url``: an id, ``latest``, an alias
+    (``production``, ``previous``), or ``None``: ``production``, and ``latest`` only while no
+    production alias exists (logged either way, so a run says which model it used)."""
     root = Store(models_url, storage)
+    if version is None or version in (PRODUCTION, PREVIOUS):
+        target = read_aliases(models_url, storage).get(version or PRODUCTION)
+        if target:
+            log.info("model version: %s -> %s", version or PRODUCTION, target)
+            return resolve_version(models_url, target, storage)
+        if version is not None:
+            raise VersionNotFound(
+                f"no {version!r} alias at {root.url}: nothing has been promoted yet; promote "
+                "a version with `segflow models promote ID --models URL --reason TEXT`"
+            )
+        log.info("model version: no production alias at %s; using latest", root.url)
     if version in (None, LATEST):
         if root.exists(f"{VERSIONS}/{LATEST}.json"):
             return _from_record(root, root.read_json(f"{VERSIONS}/{LATEST}.json"))
@@ -78,7 +120,7 @@ def resolve_version(
         known = list_versions(models_url, storage)
         raise VersionNotFound(
             f"model version {version!r} not found at {root.url}; available: "
-            f"{known or 'none'} (or 'latest')"
+            f"{known or 'none'} (or 'latest', 'production', 'previous')"
         )
     return _from_record(root, root.read_json(rel))
 
@@ -93,6 +135,23 @@ def write_version(
     return url
 
 
+def update_record(
+    models_url: str, version: str, storage: StorageOptions | None = None, **sections: Any
+) -> dict[str, Any]:
+    """Add or replace top-level sections (e.g. ``gate``) of ``versions/<id>.json``, and of
+    ``latest.json`` when it is that version; returns the new record."""
+    root = Store(models_url, storage)
+    rel = f"{VERSIONS}/{version}.json"
+    if not root.exists(rel):
+        raise VersionNotFound(f"model version {version!r} not found at {root.url}")
+    record = {**root.read_json(rel), **sections}
+    root.write_json(rel, record)
+    latest = f"{VERSIONS}/{LATEST}.json"
+    if root.exists(latest) and root.read_json(latest).get("version") == version:
+        root.write_json(latest, record)
+    return record
+
+
 def _from_record(root: Store, record: dict[str, Any]) -> ModelVersion:
     run = record.get("run", "")
     return ModelVersion(str(record["version"]), root.child(run).url if run else root.url, record)
@@ -100,3 +159,134 @@ def _from_record(root: Store, record: dict[str, Any]) -> ModelVersion:
 
 def _has_folds(root: Store) -> bool:
     return bool(root.fs.glob(root.path("fold-*/fold.complete.json")))
+
+
+# -- aliases -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AliasEvent:
+    """One move of the production alias: who or what moved it, when, to which version, why."""
+
+    version: str
+    action: str  # gate | promote | rollback
+    reason: str
+    actor: str
+    at: str = ""
+    event: str = ""  # object name under versions/history/ (time-ordered, unique)
+    seen_production: str | None = None  # production when the writer decided (for the audit)
+
+
+def read_aliases(models_url: str, storage: StorageOptions | None = None) -> dict[str, Any]:
+    """``{"production": id|None, "previous": id|None, ...}``; empty when nothing was promoted."""
+    root = Store(models_url, storage)
+    if root.exists(ALIASES):
+        return root.read_json(ALIASES)
+    if root.exists(HISTORY):  # a writer died between its event and the view: derive it
+        return derive_aliases(read_history(models_url, storage))
+    return {}
+
+
+def read_history(models_url: str, storage: StorageOptions | None = None) -> list[AliasEvent]:
+    """Every alias event, in the order that decides the aliases (by event name)."""
+    root = Store(models_url, storage)
+    events = []
+    for f in root.list(HISTORY, pattern="*.json"):
+        data = root.read_json(f.rel)
+        events.append(AliasEvent(**{k: data.get(k) for k in AliasEvent.__dataclass_fields__}))
+    return sorted(events, key=lambda e: e.event)
+
+
+def derive_aliases(events: list[AliasEvent]) -> dict[str, Any]:
+    """Replay the history: each event makes its version production and the one it replaced
+    ``previous``. The same history always gives the same aliases, whoever replays it."""
+    production = previous = None
+    for e in events:
+        if e.version != production:
+            production, previous = e.version, production
+    last = events[-1] if events else None
+    return {
+        PRODUCTION: production,
+        PREVIOUS: previous,
+        "events": len(events),
+        "last_event": last.event if last else None,
+        "updated_at": last.at if last else None,
+    }
+
+
+def move_production(
+    models_url: str,
+    version: str,
+    action: str,
+    reason: str,
+    actor: str | None = None,
+    storage: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Append one history event making ``version`` production, then bring ``aliases.json`` up to
+    date with the whole history; returns the aliases. Safe to call from concurrent writers."""
+    root = Store(models_url, storage)
+    seen = read_aliases(models_url, storage).get(PRODUCTION)
+    now = datetime.now(UTC)
+    # nanosecond time first: the history sorts in time order; the uuid makes names unique
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+    event = AliasEvent(
+        version,
+        action,
+        reason,
+        actor or default_actor(),
+        now.isoformat(timespec="seconds"),
+        name,
+        seen,
+    )
+    root.write_json(f"{HISTORY}/{name}.json", event.__dict__)
+    log.info("%s: production -> %s (%s; was %s)", action, version, reason, seen)
+    return sync_aliases(models_url, storage)
+
+
+def sync_aliases(models_url: str, storage: StorageOptions | None = None) -> dict[str, Any]:
+    """Rewrite ``aliases.json`` from the history until the history did not change meanwhile."""
+    root = Store(models_url, storage)
+    for _ in range(20):
+        events = read_history(models_url, storage)
+        aliases = derive_aliases(events)
+        root.write_json(ALIASES, aliases)
+        after = read_history(models_url, storage)
+        if [e.event for e in after] == [e.event for e in events]:
+            return aliases
+    return aliases  # a storm of writers: the last of them writes the final view
+
+
+def rollback(
+    models_url: str,
+    reason: str = "rollback",
+    actor: str | None = None,
+    storage: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Production goes back to ``previous`` (recorded as an event like any other move)."""
+    aliases = read_aliases(models_url, storage)
+    target = aliases.get(PREVIOUS)
+    if not target:
+        raise VersionNotFound(
+            f"nothing to roll back to at {Store(models_url, storage).url}: no 'previous' alias "
+            f"(production is {aliases.get(PRODUCTION)!r}); promote a version by id instead"
+        )
+    return move_production(models_url, target, "rollback", reason, actor, storage)
+
+
+def default_actor() -> str:
+    """Who moved an alias when nobody says: user@host, or the Prefect flow run."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            return f"flow run {ctx.flow_run.name} ({ctx.flow_run.id})"
+    except Exception as e:  # prefect missing or not in a run: fall back to the user
+        log.debug("no flow run to name as the actor: %s", e)
+    user = os.environ.get("USER") or _safe_user()
+    return f"{user}@{socket.gethostname()}"
+
+
+def _safe_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"

@@ -38,7 +38,10 @@ class FlowConfig(BaseModel):
     truth: str | None = Field(None, description="ground-truth masks: evaluate runs when given")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="{layout: isic|folder}")
     crops: dict[str, Any] = Field(default_factory=dict)
-    version: str | None = Field(None, description="segment_flow: model version (default latest)")
+    version: str | None = Field(
+        None, description="segment_flow: model version (default production, else latest)"
+    )
+    gate: dict[str, Any] = Field(default_factory=dict, description="segflow.gate.GateConfig")
 
     @model_validator(mode="before")
     @classmethod

@@ -80,6 +80,22 @@ class OverlaysManifest(Manifest):
     url: str
 
 
+class BenchmarkManifest(Manifest):
+    """The gate's frozen benchmark (``segflow.gate.Benchmark``); ``hash`` is its content hash."""
+
+    url: str
+    content_hash: str
+    n_images: int
+
+
+class GateEvaluation(Manifest):
+    """Challenger and champion scored on the benchmark: the version record's ``gate`` section,
+    and the disagreement grid's URL."""
+
+    record: dict[str, Any]
+    png: str | None
+
+
 # -- segment_flow -------------------------------------------------------------------------------
 class ResolvedVersion(Manifest):
     """A model version, as a task result (``segflow.versions.ModelVersion`` is a dataclass)."""
@@ -168,6 +184,8 @@ REGISTRY: dict[str, type[Manifest]] = {
         ChoiceManifest,
         VersionManifest,
         OverlaysManifest,
+        BenchmarkManifest,
+        GateEvaluation,
         ResolvedVersion,
         PredictionPlan,
         ShardManifest,

@@ -50,6 +50,7 @@ from segflow.storage import StorageOptions, Store, sha256_bytes, sha256_json, sh
 from segflow.train import TrainConfig
 from segflow.train.oof import oof_scores
 from segflow.train.run import prepare_run, run_fold
+from segflow.train.warmstart import init_hash, pin_init
 from segflow.versions import resolve_version, write_version
 
 _LOCATIONS = frozenset({"dataset", "models"})
@@ -82,9 +83,11 @@ def ingest_dataset(cfg: IngestConfig) -> DatasetManifest:
 def training_run(flow_cfg: FlowConfig, models_url: str, dataset: DatasetManifest) -> TrainConfig:
     """The training config of this data + config + code: its run folder is named by their
     hash, so a changed input trains into a new folder and an unchanged one resumes its own."""
-    probe = flow_cfg.train_config(dataset.url, models_url)
-    key = task_key("train", dataset.hash, config_hash(probe, _LOCATIONS))
-    return flow_cfg.train_config(dataset.url, f"{models_url.rstrip('/')}/runs/{key[-16:]}")
+    probe = pin_init(flow_cfg.train_config(dataset.url, models_url), models_url)
+    warm = [h] if (h := init_hash(probe)) else []  # a cold start keeps its key
+    key = task_key("train", dataset.hash, config_hash(probe, _LOCATIONS), *warm)
+    run = flow_cfg.train_config(dataset.url, f"{models_url.rstrip('/')}/runs/{key[-16:]}")
+    return run.model_copy(update={"init_from": probe.init_from, "init_models": probe.init_models})
 
 
 def prepare_key(cfg: TrainConfig, dataset: DatasetManifest) -> str:

@@ -44,6 +44,11 @@ class TrainConfig(StageConfig):
     augment: dict[str, Any] = Field(default_factory=dict, description="AugmentConfig fields")
     monitor: Literal["dice", "jaccard", "thresholded_jaccard", "loss"] = "dice"
     threshold: float = Field(0.5, gt=0, lt=1)
+    # warm start (segflow.train.warmstart)
+    init_from: str = Field(
+        "none", min_length=1, description="production | <version id> | run-folder URL | none"
+    )
+    init_models: str | None = Field(None, description="models URL whose versions/ it names")
     # runtime
     executor: Literal["ray", "inline"] = Field("ray", description="inline: folds in-process")
     ray_address: str | None = None

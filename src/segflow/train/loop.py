@@ -125,7 +125,7 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     claim_fold(cfg, out, model_spec(cfg, dataset))
     if (done := out.read_marker(DONE)) is not None:
         return FoldResult(**{**done, "status": "skipped", "extra": {}})
-    train_data, val_data = _fold_data(cfg, dataset, fold)
+    train_data, val_data = fold_data(cfg, dataset, fold)
     ensure_oof_array(Store(cfg.models, cfg.storage), dataset)
     run = setup_run(cfg, fold, dataset)
     save_spec(out, run.spec)  # before any weights: a predictor rebuilds the network from it
@@ -161,7 +161,7 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def _fold_data(cfg: TrainConfig, dataset: Dataset, fold: int) -> tuple[FoldData, FoldData]:
+def fold_data(cfg: TrainConfig, dataset: Dataset, fold: int) -> tuple[FoldData, FoldData]:
     ids = dataset.ids
     groups = [str(g) for g in dataset.column("groups")]
     splits = load_or_create_splits(Store(cfg.models, cfg.storage), ids, groups, cfg.folds, cfg.seed)
@@ -188,6 +188,10 @@ def setup_run(cfg: TrainConfig, fold: int, dataset: Dataset) -> Run:
         from segflow.train.weights import load_encoder_weights
 
         load_encoder_weights(model, cfg.encoder, cfg.encoder_weights, cfg.storage)
+    if cfg.init_from != "none":  # a warm start: the whole network from a trained version
+        from segflow.train.warmstart import load_init
+
+        load_init(model, cfg, fold, spec)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -18,6 +18,7 @@ from segflow.train.config import TrainConfig
 from segflow.train.loop import DONE, FoldResult, ensure_oof_array, fit_fold, set_threads
 from segflow.train.splits import SPLITS, load_or_create_splits
 from segflow.train.state import RECORD, check_models
+from segflow.train.warmstart import pin_init
 
 log = logging.getLogger("segflow.train")
 
@@ -39,6 +40,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
+    cfg = pin_init(cfg)  # every fold warm-starts from the same version, even if production moves
     fold_ids = prepare_run(cfg)
     if cfg.executor == "inline":
         results = [_guarded(cfg, f) for f in fold_ids]
@@ -166,17 +168,22 @@ def _remote_fold(cfg: TrainConfig, fold: int, cpus: int, relayed: bool = False) 
     if here["gpus"] and not torch.cuda.is_available():
         log.warning(
             "fold %d: Ray gave it GPU slot %s on node %s, but CUDA is not available there: "
-            "training on the CPU", fold, ",".join(here["gpus"]), here["node"],
-        )  # fmt: skip
+            "training on the CPU",
+            fold,
+            ",".join(here["gpus"]),
+            here["node"],
+        )
     result = fit_fold(cfg, fold)
     if result.status == "skipped":  # trained earlier: it ran where that attempt ran
         done = [a for a in earlier if a.get("status") == "done"]
         result.extra["placement"] = done[-1] if done else None
         return result
     attempt = {
-        **here, "status": result.status, "start_epoch": result.start_epoch,
+        **here,
+        "status": result.status,
+        "start_epoch": result.start_epoch,
         "finished_at": time.time(),
-    }  # fmt: skip
+    }
     out.write_json(PLACEMENT, {"attempts": [*earlier, attempt]})
     result.extra["placement"] = attempt
     return result
