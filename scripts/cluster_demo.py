@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -448,6 +449,10 @@ def main() -> int:
     except (DemoError, KeyboardInterrupt) as e:
         say(f"FAILED: {e}")
         summary.setdefault("error", str(e))
+    except Exception as e:  # anything else: still stop everything and end on the JSON line
+        say(f"FAILED: {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stdout)
+        summary.setdefault("error", f"{type(e).__name__}: {e}")
     finally:
         say("stopping every process the demo started, by PID")
         procs.stop_all()
