@@ -221,3 +221,56 @@ def test_killed_mid_commit_local_and_on_s3(location, tmp_path, monkeypatch):
     want = np.array(coded_pair(7, 12, 16)[0][0, 0], int)
     assert np.abs(image[0, 0].astype(int) - want).max() < 12
     assert got["counts"] == {"unreadable": 1} and got["images_len"] == 4
+
+
+def _kill_at(cfg: IngestConfig, monkeypatch, point: str) -> None:
+    monkeypatch.setattr(crash, "_kill", _kill)
+    monkeypatch.setenv(crash.ENV, point)
+    with pytest.raises(Killed):
+        ingest(cfg)
+    monkeypatch.delenv(crash.ENV)
+
+
+@pytest.mark.parametrize("plan_left", [True, False], ids=["plan-left", "plan-removed"])
+def test_step_markers_left_by_an_update_only_run_are_not_trusted(
+    local, tmp_path, monkeypatch, plan_left
+):
+    """An update-only run (its plan survives: base_n == n) killed after its journal was
+    removed, or part-way through removing _staging, leaves the commit step markers. The next
+    journal must still copy its updated rows, or the index gets the new content hash over the
+    old pixels and every later run reports up_to_date."""
+    src = local.store("raw")
+    for k in range(3):
+        _write(src, k)
+    cfg = IngestConfig(layout="isic", source=src.url, dataset=local.url("ds"), size=SIZE)
+    ingest(cfg)
+    _write(src, 1, content=7)
+    _kill_at(cfg, monkeypatch, "journal_removed")
+    ds = Store(cfg.dataset)
+    assert ds.exists("_staging/commit.updates-copied") and ds.exists("_staging/commit.new-moved")
+    if not plan_left:  # the recursive delete of _staging died after removing the plan
+        ds.delete("_staging/plan.json")
+    _write(src, 2, content=9)  # rewritten while the run is dead
+    res = ingest(cfg)
+    assert (res.status, res.n_new, res.n_updated) == ("ingested", 0, 1)
+    assert _snapshot(cfg.dataset) == _clean(src, tmp_path)
+    assert ingest(cfg).status == "up_to_date"
+
+
+def test_a_record_left_without_its_plan_is_not_trusted(local, tmp_path, monkeypatch):
+    """A recursive delete of _staging killed after it removed the plan leaves records behind.
+    The next run trims the scratch rows and plans afresh, so a record there whose name still
+    matches a new slot would describe pixels that are gone."""
+    src = local.store("raw")
+    for k in range(3):
+        _write(src, k)
+    cfg = IngestConfig(layout="isic", source=src.url, dataset=local.url("ds"), size=SIZE)
+    ingest(cfg)
+    _write(src, 4)
+    _kill_at(cfg, monkeypatch, "decoded")
+    ds = Store(cfg.dataset)
+    assert ds.list("_staging/rows")
+    ds.delete("_staging/plan.json")
+    res = ingest(cfg)
+    assert (res.n_new, res.extra["decoded"]) == (1, 1)
+    assert _snapshot(cfg.dataset) == _clean(src, tmp_path)

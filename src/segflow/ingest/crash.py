@@ -20,6 +20,7 @@ POINTS = (
     "attrs",  # attrs["n"] and the content hash written
     "report",  # report.json and config.json written
     "marker",  # ingest.complete.json written, _staging not yet removed
+    "journal_removed",  # _staging/commit.json removed, the rest of _staging (markers) not yet
 )
 
 

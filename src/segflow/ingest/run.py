@@ -131,6 +131,9 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     if plan is None and not change.new and not change.updated and previous:
         return _up_to_date(run)  # (a first run writes its report even when no row is good)
     if plan is None:
+        # Without a plan nothing in _staging is this run's: a record or a commit step marker
+        # left by a run killed part-way through removing _staging would be trusted wrongly.
+        ds.delete(STAGING, recursive=True)
         trim_pixels(g, committed.n)
 
     plan = _make_plan(ds, plan, committed.n, change)
@@ -317,6 +320,12 @@ def _commit(run: RunInputs, slots: list[Slot], extra: dict[str, Any]) -> IngestR
         "config": run.cfg.public_dict(),
         "result": result.to_dict(),
     }
+    # No journal exists here, so a step marker is a leftover of a run killed after its journal
+    # was removed (an update-only run keeps its plan, base_n == n): trusted, it would skip this
+    # journal's copies. Only here, never before the journal is removed: a redo of that journal
+    # after trim_pixels would copy from scratch rows that are gone.
+    run.ds.delete(_UPDATES_COPIED)
+    run.ds.delete(_NEW_MOVED)
     run.ds.write_json(JOURNAL, journal)
     crash_point("journal")
     _apply_journal(run.ds, run.g, journal)
@@ -351,7 +360,8 @@ def _apply_journal(ds: Store, g: zarr.Group, journal: dict[str, Any]) -> None:
     ds.mark_complete(MARKER, result)
     crash_point("marker")
     ds.delete(JOURNAL)  # alone and first: once it is gone, nothing of this run is redone
-    ds.delete(STAGING, recursive=True)
+    crash_point("journal_removed")
+    ds.delete(STAGING, recursive=True)  # what it leaves if cut short, the next run discards
 
 
 def _read_records(ds: Store, slots: list[Slot]) -> dict[int, dict[str, Any]]:
