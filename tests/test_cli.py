@@ -13,6 +13,13 @@ from typer.testing import CliRunner
 from segflow.cli import app
 from tests.makers import png_bytes
 
+
+def _segflow(*args: str) -> subprocess.CompletedProcess:
+    """``segflow ARGS`` in a fresh interpreter: the real exit code and stderr."""
+    cmd = [sys.executable, "-m", "segflow.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
 COMMANDS = ["ingest", "train", "predict", "evaluate", "export-rle", "demo-data"]
 
 
@@ -31,21 +38,17 @@ def test_evaluate_and_export_rle_from_a_config_file(local, tmp_path):
         store.write_bytes("7.png", png_bytes(mask))
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"predictions: {pred.url}\ntruth: {truth.url}\nlayout: folder\n")
-    run = [sys.executable, "-m", "segflow.cli"]
-    res = subprocess.run([*run, "evaluate", "--config", str(cfg), "--json"],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    res = _segflow("evaluate", "--config", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["mean_dice"] == 1.0
     out = tmp_path / "sub.csv"
-    res = subprocess.run([*run, "export-rle", "--predictions", pred.url, "--out", str(out)],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    res = _segflow("export-rle", "--predictions", pred.url, "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert out.read_text().splitlines() == ["img,pixels", "7,19 4 27 4 35 4 43 4"]
 
 
 def test_missing_required_option_is_a_clear_error():
-    res = subprocess.run([sys.executable, "-m", "segflow.cli", "evaluate", "--truth", "x"],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    res = _segflow("evaluate", "--truth", "x")
     assert res.returncode == 2 and "evaluate needs --predictions" in res.stderr
 
 
@@ -56,16 +59,11 @@ def test_evaluate_exits_2_when_no_name_matches_and_mask_template_fixes_it(local)
     pred.write_bytes("masks/IMD002.png", png_bytes(mask))  # a `segflow predict` output
     pred.write_json("predictions.json", {"layout": "folder"})
     truth.write_bytes("IMD002_lesion.png", png_bytes(mask))  # PH2-style truth names
-    run = [sys.executable, "-m", "segflow.cli", "evaluate", "--predictions", pred.url]
-    res = subprocess.run([*run, "--truth", truth.url], capture_output=True, text=True, check=False)
+    run = ["evaluate", "--predictions", pred.url, "--truth", truth.url]
+    res = _segflow(*run)
     assert res.returncode == 2, res.stdout
     assert "IMD002_lesion.png" in res.stderr and "IMD002.png" in res.stderr
-    res = subprocess.run(
-        [*run, "--truth", truth.url, "--mask-template", "{stem}_lesion.png", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = _segflow(*run, "--mask-template", "{stem}_lesion.png", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["mean_dice"] == 1.0
     assert pred.exists("evaluation.csv") and not pred.exists("masks/evaluation.csv")

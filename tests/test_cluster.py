@@ -40,13 +40,16 @@ def test_unset_address_starts_a_private_ray_not_the_machines_ray_start_cluster(
     env.update(RAY_TMPDIR=str(base), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     port = _free_port()
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # `ray`, with this interpreter
+    start = ["start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
+    start += [f"--temp-dir={base}/ray", "--num-cpus=1", "--include-dashboard=false"]
+    start += ['--resources={"ray_start_cluster": 1}']
     head = subprocess.Popen(
-        [*ray_cli, "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", f"--temp-dir={base}/ray", "--num-cpus=1",
-         '--resources={"ray_start_cluster": 1}', "--include-dashboard=false"],
-        env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "head.log").open("wb"),
-    )  # fmt: skip
+        [*ray_cli, *start],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "head.log").open("wb"),
+    )
     try:
         address_file = base / "ray" / "ray_current_cluster"
         deadline = time.time() + 180

@@ -120,17 +120,24 @@ def test_wheel_runs_flows_and_resolves_deployments_outside_the_checkout(tmp_path
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-         outside, env)  # fmt: skip
-    where = _run([str(python), "-c", "import segflow.flows.train as m; print(m.__file__)"],
-                 outside, env)  # fmt: skip
+    _run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        outside,
+        env,
+    )
+    where = _run(
+        [str(python), "-c", "import segflow.flows.train as m; print(m.__file__)"], outside, env
+    )
     assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where
     segflow = str(python.parent / "segflow")
 
     # `segflow run` on a tiny pipeline, from a folder that is not the checkout
     _run([segflow, "demo-data", "--out", "raw", "--n", "6", "--size", "32", "32"], outside, env)
-    _run([segflow, "demo-data", "--out", "new", "--n", "2", "--size", "32", "32", "--seed", "1"],
-         outside, env)  # fmt: skip
+    _run(
+        [segflow, "demo-data", "--out", "new", "--n", "2", "--size", "32", "32", "--seed", "1"],
+        outside,
+        env,
+    )
     (outside / "run.yaml").write_text(
         "flow: pipeline\ndataset_source: raw\nlayout: isic\nmodels_url: models\n"
         "source: new\nout_url: out\nconfig:\n"

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from segflow.errors import ConfigError
 from segflow.train import train
-from segflow.train.run import fold_cpus
+from segflow.train.run import fold_cpus, run_fold
+from segflow.train.state import fold_record
 from tests.train.conftest import small_config
 
 
@@ -39,3 +41,19 @@ def test_folds_take_one_gpu_slot_each_and_record_it(tiny_dataset, local, gpus):
         assert placement["node"] == node and placement["status"] == "done"
         saved = json.loads(Path(local.url(f"models/fold-{f.fold}/placement.json")).read_text())
         assert saved["attempts"] == [placement]  # one attempt, as the fold reported it
+
+
+def test_a_fold_of_another_config_is_refused_once_on_ray_and_left_untouched(
+    tiny_dataset, local, local_ray
+):
+    from ray.exceptions import RayTaskError
+
+    models = local.store("models")
+    cfg = small_config(tiny_dataset, models.url, executor="ray", max_retries=2)
+    fold = models.child("fold-0")
+    fold.write_json("train_config.json", fold_record(cfg.model_copy(update={"lr": 1e-2})))
+    with pytest.raises(ConfigError, match=r"lr: 0.01 -> 0.003") as refused:
+        run_fold(cfg, 0)  # a Prefect stage's call: no prepare_run check in this driver
+    # the task returned the refusal: nothing raised in it, so nothing for Ray to retry
+    assert not isinstance(refused.value, RayTaskError)
+    assert [f.rel for f in fold.list()] == ["train_config.json"]  # no placement.json

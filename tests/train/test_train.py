@@ -290,6 +290,31 @@ def test_a_fold_resumes_or_skips_only_its_own_config(tiny_dataset, local):
     assert fit_fold(cfg.model_copy(update={"models": moved}), 0).status == "skipped"
 
 
+def test_a_legacy_fold_records_only_what_was_compared(tiny_dataset, local):
+    """A finished fold older than fold-k/train_config.json has only its config.json: its network
+    can be compared, its epochs, lr or seed cannot, so they must not be recorded as checked."""
+    from segflow.dataset import Dataset
+    from segflow.train.loop import DONE
+    from segflow.train.model import save_spec
+    from segflow.train.state import model_spec
+
+    models = local.store("models")
+    cfg = small_config(tiny_dataset, models.url, epochs=1)
+    fold = models.child("fold-0")
+    spec = model_spec(cfg, Dataset(Store(tiny_dataset, cfg.storage)))
+    save_spec(fold, spec)  # as an older segflow left a finished fold
+    fold.mark_complete(DONE, {"fold": 0, "status": "done", "best_epoch": 1})
+
+    other = cfg.model_copy(update={"epochs": 5, "lr": 1e-2, "seed": 7})
+    assert fit_fold(other, 0).status == "skipped"  # the same network: all that can be told
+    compared = {k: v for k, v in spec.model_dump(mode="json").items() if k != "segflow_version"}
+    assert fold.read_json("train_config.json") == {**compared, "legacy": True}
+    assert fit_fold(cfg, 0).status == "skipped"  # `other` was not recorded as the fold's config
+    assert fold.read_json("train_config.json") == {**compared, "legacy": True}
+    with pytest.raises(ConfigError, match=r"encoder_depth: 3 -> 4"):  # the network still is
+        fit_fold(cfg.model_copy(update={"encoder_depth": 4}), 0)
+
+
 def test_training_report_shows_one_titled_pair_of_charts_per_fold():
     from segflow.pipeline.report import training_markdown
     from segflow.train.plots import plot_curves

@@ -17,7 +17,7 @@ from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.loop import DONE, FoldResult, ensure_oof_array, fit_fold, set_threads
 from segflow.train.splits import SPLITS, load_or_create_splits
-from segflow.train.state import RECORD, check_models
+from segflow.train.state import RECORD, check_models, claim_fold, model_spec
 from segflow.train.warmstart import pin_init
 
 log = logging.getLogger("segflow.train")
@@ -87,6 +87,8 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
         seen = _log_new_epochs(cfg, fold, seen)
     result = ray.get(ref)
     _log_new_epochs(cfg, fold, seen)
+    if (refusal := result.extra.pop(REFUSED, None)) is not None:
+        raise ConfigError(refusal)
     return result
 
 
@@ -142,17 +144,31 @@ def _guarded(cfg: TrainConfig, fold: int) -> FoldResult:
 
 
 PLACEMENT = "placement.json"  # fold-k/placement.json: every attempt's Ray node and GPU slot
+REFUSED = "refused"  # FoldResult.extra key, on the way back from Ray only: the ConfigError text
 
 
 def _remote_fold(cfg: TrainConfig, fold: int, cpus: int, relayed: bool = False) -> FoldResult:
-    import ray
-    import torch
-
     # Ray copies the worker's console to the driver's; when run_fold relays the epoch lines
     # already, the worker keeps to warnings so that each line is printed once.
     level = logging.WARNING if relayed else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     set_threads(cpus)
+    out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
+    try:
+        # before placement.json is written: a fold of another config is refused untouched
+        claim_fold(cfg, out, model_spec(cfg, Dataset(Store(cfg.dataset, cfg.storage))))
+        return _placed_fit(cfg, fold, out)
+    except ConfigError as e:
+        # returned, not raised: Ray retries a task that raises (retry_exceptions), and every
+        # retry would be refused the same way; the driver raises it again (run_fold)
+        return FoldResult(fold, "failed", error=f"{type(e).__name__}: {e}", extra={REFUSED: str(e)})
+
+
+def _placed_fit(cfg: TrainConfig, fold: int, out: Store) -> FoldResult:
+    """:func:`fit_fold`, with where this attempt ran recorded in ``fold-k/placement.json``."""
+    import ray
+    import torch
+
     # Where this attempt runs: the Ray node and its GPU slot ids there (CUDA_VISIBLE_DEVICES is
     # set to them; Ray hands a slot to one task at a time). Every attempt is kept, so a fold
     # retried after a node loss shows both nodes.
@@ -161,7 +177,6 @@ def _remote_fold(cfg: TrainConfig, fold: int, cpus: int, relayed: bool = False) 
         "gpus": [str(g) for g in ray.get_gpu_ids()],
         "started_at": time.time(),
     }
-    out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
     earlier = out.read_json(PLACEMENT)["attempts"] if out.exists(PLACEMENT) else []
     if out.read_marker(DONE) is None:
         out.write_json(PLACEMENT, {"attempts": [*earlier, {**here, "status": "running"}]})
@@ -226,7 +241,9 @@ def _on_ray(cfg: TrainConfig, fold_ids: list[int]) -> list[FoldResult]:
     results = []
     for fold, ref in refs.items():
         try:
-            results.append(ray.get(ref))
+            result = ray.get(ref)
+            result.extra.pop(REFUSED, None)  # a failed fold like any other; its error says why
+            results.append(result)
         except Exception as e:  # the task failed after its retries: report, don't raise
             cause = e.cause if hasattr(e, "cause") and e.cause else e
             detail = "".join(traceback.format_exception_only(type(cause), cause)).strip()

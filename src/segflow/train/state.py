@@ -5,6 +5,11 @@ skipping when it was trained with the config asked for now. Each fold therefore 
 fields that determine its weights in ``fold-k/train_config.json`` before it writes anything
 else, and every later run compares against that record: a finished resnet18 fold must never
 stand in for a requested resnet34 one.
+
+A fold trained before that record existed has only its ``config.json`` (its ModelSpec), so only
+the network can be compared: its epochs, lr, loss or seed are unknown. Its record then holds
+those ModelSpec fields and ``"legacy": true``, never the whole config, which it was not checked
+against; later runs compare such a fold on those fields alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ log = logging.getLogger("segflow.train")
 
 RECORD = "train_config.json"  # in each fold folder, and the whole config at the models root
 SPEC = "config.json"  # the fold's ModelSpec
+LEGACY = "legacy"  # in a fold record: only the ModelSpec fields beside it were checked
 #: what a models location holds from one training run; ``--overwrite`` removes these
 TRAINING_FILES = (
     SPLITS,
@@ -85,9 +91,12 @@ def model_spec(cfg: TrainConfig, dataset: Dataset) -> ModelSpec:
 def differences(cfg: TrainConfig, fold: Store, spec: ModelSpec) -> Differences:
     """How the fold's saved state differs from ``cfg``; empty when it matches (or is empty).
 
-    Folds saved before the record existed have only their ``config.json``: compare that."""
+    Folds saved before the record existed have only their ``config.json``: compare that, and
+    for their legacy record (see :func:`claim_fold`) the ModelSpec fields it holds."""
     if fold.exists(RECORD):
         saved, asked = fold.read_json(RECORD), fold_record(cfg)
+        if saved.get(LEGACY):
+            return _spec_differences(saved, spec)
         defaults = {k: f.default for k, f in type(cfg).model_fields.items()}
         # a field added to TrainConfig after the fold was saved had its default then
         return {
@@ -96,21 +105,36 @@ def differences(cfg: TrainConfig, fold: Store, spec: ModelSpec) -> Differences:
             if saved.get(k, defaults.get(k)) != v
         }
     if fold.exists(SPEC):
-        saved, asked = fold.read_json(SPEC), spec.model_dump(mode="json")
-        asked.pop("segflow_version")
-        return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+        return _spec_differences(fold.read_json(SPEC), spec)
     return {}
+
+
+def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
+    fields = spec.model_dump(mode="json")
+    fields.pop("segflow_version")  # which segflow wrote it does not change the weights
+    return fields
+
+
+def _spec_differences(saved: dict[str, Any], spec: ModelSpec) -> Differences:
+    asked = _spec_fields(spec)
+    return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
 
 
 def claim_fold(cfg: TrainConfig, fold: Store, spec: ModelSpec) -> None:
     """Make ``fold`` this config's before anything is written to it: raise when it holds
-    another config's state (or, with ``overwrite``, delete that state), then record ``cfg``."""
+    another config's state (or, with ``overwrite``, delete that state), then record what was
+    checked: ``cfg``, or for a fold saved before the record existed its ModelSpec fields alone
+    (``"legacy": true``). Calling it again with the same config changes nothing."""
     if diff := differences(cfg, fold, spec):
         if not cfg.overwrite:
             raise ConfigMismatchError(posixpath.dirname(fold.url), {_name(fold): diff})
         log.warning("%s: deleting a fold trained with another config (overwrite)", fold.url)
         fold.delete("", recursive=True)
-    fold.write_json(RECORD, fold_record(cfg))
+    # state without a record is older than the record; a legacy record stays legacy
+    legacy = fold.read_json(RECORD).get(LEGACY) if fold.exists(RECORD) else fold.exists(SPEC)
+    # a legacy fold's epochs, lr, loss, seed... were never compared: recording cfg would pass
+    # them off as checked, and every later run would trust them
+    fold.write_json(RECORD, {**_spec_fields(spec), LEGACY: True} if legacy else fold_record(cfg))
 
 
 def check_models(cfg: TrainConfig, models: Store, dataset: Dataset) -> None:
