@@ -53,10 +53,16 @@ T0 = time.monotonic()
 BUCKET = "segflow"  # the production bucket name: the deployments' URLs are used unchanged
 #: training small enough for 2 shared cores; every other option is the production one
 TINY_TRAIN = {
-    "folds": 2, "epochs": 5, "encoder": "resnet18", "encoder_depth": 3,
-    "decoder_channels": [32, 16, 8], "batch_size": 4, "lr": 0.003, "early_stopping": None,
+    "folds": 2,
+    "epochs": 5,
+    "encoder": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 8],
+    "batch_size": 4,
+    "lr": 0.003,
+    "early_stopping": None,
     "max_retries": 2,
-}  # fmt: skip
+}
 TINY_SIZE = [48, 48]
 
 
@@ -107,9 +113,14 @@ class Procs:
         log = (self.logs / f"{name}.log").open("ab")
         self.offsets[name] = log.tell()
         p = subprocess.Popen(
-            cmd, cwd=cwd or ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            cwd=cwd or ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.started[name] = p
         self.sessions.add(p.pid)
         return p
@@ -206,21 +217,40 @@ class Cluster:
     def start_prefect_server(self) -> None:
         self.procs.start(
             "prefect-server",
-            [PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(self.ports["prefect"])],
-        )  # fmt: skip
+            [
+                PY,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports["prefect"]),
+            ],
+        )
 
     def start_ray_head(self) -> None:
         # No CPU and no GPU on the head: it runs the GCS and the Ray client server, every task
         # goes to the GPU nodes (as the compose head: --num-gpus=0)
         self.procs.start(
             "ray-head",
-            [*self.ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={self.ports['ray']}", f"--ray-client-server-port={self.ports['ray_client']}",
-             f"--temp-dir={self.tmp / 'ray'}", "--num-cpus=0", "--num-gpus=0",
-             "--include-dashboard=false", "--disable-usage-stats",
-             "--object-store-memory=100000000"],
-        )  # fmt: skip
+            [
+                *self.ray_cli,
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.ports['ray']}",
+                f"--ray-client-server-port={self.ports['ray_client']}",
+                f"--temp-dir={self.tmp / 'ray'}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                "--object-store-memory=100000000",
+            ],
+        )
 
     def start_gpu_node(self, name: str, tries: int = 3) -> str:
         """Start a node that declares one GPU; returns its node id once it has joined. Ray gives
@@ -228,10 +258,18 @@ class Cluster:
         for attempt in range(1, tries + 1):
             self.procs.start(
                 name,
-                [*self.ray_cli, "start", f"--address={self.gcs}", "--block",
-                 "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1",
-                 "--disable-usage-stats", "--object-store-memory=100000000"],
-            )  # fmt: skip
+                [
+                    *self.ray_cli,
+                    "start",
+                    f"--address={self.gcs}",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    "--num-cpus=1",
+                    "--num-gpus=1",
+                    "--disable-usage-stats",
+                    "--object-store-memory=100000000",
+                ],
+            )
             if self.procs.wait_line(name, "Ray runtime started", 240):
                 return wait_for(f"{name}'s raylet", lambda: self.node_id(name), 60)
             say(f"{name} did not join (try {attempt}/{tries}); starting it again")
@@ -256,26 +294,61 @@ class Cluster:
         addr = f"tcp://127.0.0.1:{self.ports['dask']}"
         self.procs.start(
             "dask-scheduler",
-            [PY, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port",
-             str(self.ports["dask"]), "--no-dashboard"],
-        )  # fmt: skip
+            [
+                PY,
+                "-m",
+                "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports["dask"]),
+                "--no-dashboard",
+            ],
+        )
         for i in (1, 2):
             self.procs.start(
                 f"dask-worker-{i}",
-                [PY, "-m", "dask", "worker", addr, "--host", "127.0.0.1", "--nworkers", "1",
-                 "--nthreads", "1", "--no-dashboard", "--name", f"dask-worker-{i}",
-                 "--local-directory", str(self.tmp / f"dask-{i}")],
-            )  # fmt: skip
+                [
+                    PY,
+                    "-m",
+                    "dask",
+                    "worker",
+                    addr,
+                    "--host",
+                    "127.0.0.1",
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--name",
+                    f"dask-worker-{i}",
+                    "--local-directory",
+                    str(self.tmp / f"dask-{i}"),
+                ],
+            )
 
     def start_worker(self, work: Path) -> None:
         # The flow-run subprocesses inherit this environment (RAY_ADDRESS, DASK_SCHEDULER_ADDRESS,
         # AWS_*, SEGFLOW_HOME): the compose prefect-worker's set-up. Its folder is no checkout.
         self.procs.start(
             "prefect-worker",
-            [PY, "-m", "prefect", "worker", "start", "--pool", "cluster", "--type", "process",
-             "--name", "demo-worker"],
+            [
+                PY,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                "cluster",
+                "--type",
+                "process",
+                "--name",
+                "demo-worker",
+            ],
             cwd=work,
-        )  # fmt: skip
+        )
 
 
 # -- Prefect --------------------------------------------------------------------------------------
@@ -389,26 +462,28 @@ def tiny_retrain(**train: Any) -> dict[str, Any]:
 def build_env(tmp: Path, ports: dict[str, int], token: Path) -> dict[str, str]:
     drop = ("PREFECT_", "RAY_", "DASK_", "AWS_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k != "PYTHONPATH"}
-    env.update({
-        "PYTHONUNBUFFERED": "1",
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",  # no weekly runs queued here
-        "RAY_ADDRESS": f"ray://127.0.0.1:{ports['ray_client']}",
-        "RAY_AUTH_MODE": "token",  # every Ray connection needs the cluster's token...
-        "RAY_AUTH_TOKEN_PATH": str(token),  # ...from this file, not ~/.ray (no stray joiners)
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{ports['dask']}",
-        "AWS_ACCESS_KEY_ID": "demo",
-        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
-        "SEGFLOW_HOME": str(tmp / "work"),
-    })  # fmt: skip
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",  # no weekly runs queued here
+            "RAY_ADDRESS": f"ray://127.0.0.1:{ports['ray_client']}",
+            "RAY_AUTH_MODE": "token",  # every Ray connection needs the cluster's token...
+            "RAY_AUTH_TOKEN_PATH": str(token),  # ...from this file, not ~/.ray (no stray joiners)
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "DASK_SCHEDULER_ADDRESS": f"tcp://127.0.0.1:{ports['dask']}",
+            "AWS_ACCESS_KEY_ID": "demo",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+            "SEGFLOW_HOME": str(tmp / "work"),
+        }
+    )
     return env
 
 
@@ -518,9 +593,20 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
 
     procs.run([PY, "-m", "prefect", "work-pool", "create", "cluster", "--type", "process"])
     procs.run(
-        [PY, "-m", "prefect", "--no-prompt", "deploy", "-n", "retrain", "-n", "bulk-segment",
-         "--prefect-file", "deployments/prefect.yaml"],
-    )  # fmt: skip
+        [
+            PY,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "-n",
+            "retrain",
+            "-n",
+            "bulk-segment",
+            "--prefect-file",
+            "deployments/prefect.yaml",
+        ],
+    )
     say("deployments retrain and bulk-segment registered on pool `cluster` (a process pool here)")
     cluster.start_worker(work)
     fs = s3()
@@ -551,8 +637,10 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
                 for w in workers:
                     with contextlib.suppress(psutil.Error):
                         w.send_signal(signal.SIGKILL)
-                say(f"SIGKILL raylet {raylet.pid} of {name} ({att[-1]['node'][:12]}): fold {fold}"
-                    f" was in epoch {len(epochs_done(fs, path)) + 1}")  # fmt: skip
+                say(
+                    f"SIGKILL raylet {raylet.pid} of {name} ({att[-1]['node'][:12]}): fold {fold}"
+                    f" was in epoch {len(epochs_done(fs, path)) + 1}"
+                )
                 killed.update(run=run, fold=fold, node=att[-1]["node"], name=name)
                 procs.stop(name, grace=30)  # its `ray start --block` ends with the raylet
                 gpu_nodes[name] = cluster.start_gpu_node(name)
@@ -626,10 +714,16 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
                 for v in victims:
                     with contextlib.suppress(psutil.Error):
                         v.kill()
-                state.update(run=run, finished=sorted(f for r, f in done if r == run),
-                             running=fold, pids=flow_pids)  # fmt: skip
-                say(f"SIGKILL Prefect worker + flow run ({len(flow_pids)} processes): folds "
-                    f"{state['finished']} finished, fold {fold} mid-training")  # fmt: skip
+                state.update(
+                    run=run,
+                    finished=sorted(f for r, f in done if r == run),
+                    running=fold,
+                    pids=flow_pids,
+                )
+                say(
+                    f"SIGKILL Prefect worker + flow run ({len(flow_pids)} processes): folds "
+                    f"{state['finished']} finished, fold {fold} mid-training"
+                )
                 return
 
     deadline = time.monotonic() + 420
@@ -666,8 +760,10 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
         if n.startswith("train-fold-") and s == "Cached"
     )
     if runs["retrain-after-kill"] != "Completed" or cached_folds != state["finished"]:
-        raise DemoError(f"rerun {runs['retrain-after-kill']}: cached folds {cached_folds}, "
-                        f"finished before the kill {state['finished']} ({tasks_c2})")  # fmt: skip
+        raise DemoError(
+            f"rerun {runs['retrain-after-kill']}: cached folds {cached_folds}, "
+            f"finished before the kill {state['finished']} ({tasks_c2})"
+        )
     trained_twice = {}
     for f in range(3):
         ep = epochs_done(fs, f"{BUCKET}/models/isic/runs/{state['run']}/fold-{f}/metrics.csv")
@@ -686,8 +782,10 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
     runs["retrain-cached"] = wait_run(run_d, 300)
     tasks_d = task_states(run_d)
     not_cached = {n: s for n, s in tasks_d.items() if s != "Cached"}
-    say(f"retrain again, unchanged: {runs['retrain-cached']}, {len(tasks_d) - len(not_cached)}/"
-        f"{len(tasks_d)} tasks cached")  # fmt: skip
+    say(
+        f"retrain again, unchanged: {runs['retrain-cached']}, {len(tasks_d) - len(not_cached)}/"
+        f"{len(tasks_d)} tasks cached"
+    )
     if runs["retrain-cached"] != "Completed" or not_cached:
         raise DemoError(f"second retrain not all cache hits: {not_cached}")
 
@@ -738,10 +836,12 @@ def _dask_usage(
     after_ingest: dict[str, set[str]], after_crops: dict[str, set[str]]
 ) -> dict[str, Any]:
     usage = {
-        addr: {"ingest": len(after_ingest.get(addr, set())),
-               "crops": len(keys - after_ingest.get(addr, set()))}
+        addr: {
+            "ingest": len(after_ingest.get(addr, set())),
+            "crops": len(keys - after_ingest.get(addr, set())),
+        }
         for addr, keys in after_crops.items()
-    }  # fmt: skip
+    }
     if not any(u["ingest"] for u in usage.values()) or not any(u["crops"] for u in usage.values()):
         raise DemoError(f"ingest and crops did not both run on the Dask workers: {usage}")
     return usage
