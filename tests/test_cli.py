@@ -67,3 +67,54 @@ def test_evaluate_exits_2_when_no_name_matches_and_mask_template_fixes_it(local)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["mean_dice"] == 1.0
     assert pred.exists("evaluation.csv") and not pred.exists("masks/evaluation.csv")
+
+
+def _generated_commands():
+    """(name, callback) of every command whose options come from a config model."""
+    for info in app.registered_commands:
+        if hasattr(info.callback, "config_model"):
+            yield info.name or info.callback.__name__.replace("_", "-"), info.callback
+
+
+def test_stage_options_come_from_the_config_models():
+    """One source per option: a stage command's flag for a config field is generated from that
+    field, its help is the field's description, and `--help` lists it."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    generated = dict(_generated_commands())
+    assert {"ingest", "train", "predict", "crops", "serve"} <= set(generated)
+    for name, callback in generated.items():
+        model, fields = callback.config_model, callback.config_fields
+        params = {p.name: p for p in group.commands[name].params}
+        for field in fields:
+            assert params[field].help == model.model_fields[field].description, (name, field)
+        # no hand-written twin: every option named after a model field is a generated one
+        assert {p for p in params if p in model.model_fields} == set(fields), name
+        res = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "250"})
+        assert res.exit_code == 0, res.output
+        for field in fields:
+            assert f"--{field.replace('_', '-')}" in res.output, (name, field)
+
+
+def test_generated_flags_keep_their_spelling_and_types():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    opts = {p.name: p for p in group.commands["ingest"].params}
+    assert opts["require_masks"].opts == ["--require-masks"]
+    assert opts["require_masks"].secondary_opts == ["--allow-unlabeled"]
+    assert opts["strict"].is_flag and opts["strict"].secondary_opts == []
+    assert opts["size"].nargs == 2 and opts["size"].default is None
+
+
+def test_an_option_without_a_description_is_refused():
+    from pydantic import BaseModel
+
+    from segflow.cli_options import config_options
+
+    class Bare(BaseModel):
+        x: int = 1
+
+    with pytest.raises(TypeError, match=r"Bare\.x needs a description"):
+        config_options(Bare, "x")(lambda **opts: None)

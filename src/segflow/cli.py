@@ -16,7 +16,13 @@ from typing import Annotated, Any
 import typer
 
 from segflow import __version__
+from segflow.cli_options import config_options
+from segflow.crops import CropsConfig
 from segflow.errors import SegflowError
+from segflow.ingest.config import IngestConfig
+from segflow.predict.config import PredictConfig
+from segflow.serve.config import ServeConfig
+from segflow.train.config import TrainConfig
 
 app = typer.Typer(
     name="segflow",
@@ -36,22 +42,12 @@ StorageOpt = Annotated[
 ]
 
 
+# evaluate and export-rle have no config model: their shared options take the same texts as
+# CropsConfig's fields
 PredictionsOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="the output folder of `segflow predict` (masks/ + predictions.json), its masks/, or "
-        "a folder of mask files",
-        show_default=False,
-    ),
+    str | None, typer.Option(help=CropsConfig.model_fields["predictions"].description)
 ]
-LayoutOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="isic (<id>_segmentation.png) | folder (<id>.png): the masks' naming when they have "
-        "no predict record (a predict run's own layout always applies)",
-        show_default="the predict run's, else folder",
-    ),
-]
+LayoutOpt = Annotated[str | None, typer.Option(help=CropsConfig.model_fields["layout"].description)]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -88,9 +84,8 @@ def _options(config: Path | None, **flags: Any) -> dict[str, Any]:
     return opts
 
 
-_VERSION_HELP = (
-    "model version: id, production, previous or latest (default: production, else latest)"
-)
+# one text for predict's --version (not a PredictConfig field) and serve's
+_VERSION_HELP = ServeConfig.model_fields["version"].description
 
 
 def _version_folder(models: str, version: str | None, storage) -> str:
@@ -109,71 +104,21 @@ def _require(opts: dict[str, Any], command: str, *names: str) -> None:
 
 
 @app.command()
+@config_options(
+    IngestConfig,
+    "layout source dataset masks size resize workers dask_address image_glob "
+    "mask_template annotations max_pixels mask_positive allow_external_links "
+    "require_masks strict",
+    decls={"require_masks": "--require-masks/--allow-unlabeled"},
+)
 def ingest(
-    layout: Annotated[
-        str | None, typer.Option(help="isic | nerve | luna | folder", show_default=False)
-    ] = None,
-    source: Annotated[str | None, typer.Option(help="URL of the raw archive")] = None,
-    dataset: Annotated[str | None, typer.Option(help="URL of the Zarr dataset")] = None,
-    masks: Annotated[str | None, typer.Option(help="URL of the masks, if elsewhere")] = None,
-    size: Annotated[
-        tuple[int, int] | None, typer.Option(help="target H W", show_default="256 256")
-    ] = None,
-    resize: Annotated[str | None, typer.Option(help="stretch | letterbox")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
-    image_glob: Annotated[str | None, typer.Option(help="folder layout: image glob")] = None,
-    mask_template: Annotated[
-        str | None, typer.Option(help="folder layout: mask name, e.g. '{stem}_mask.png'")
-    ] = None,
-    annotations: Annotated[str | None, typer.Option(help="luna: annotations CSV URL")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="reject larger images")] = None,
-    mask_positive: Annotated[
-        str | None,
-        typer.Option(help="mask foreground: auto | nonzero | ge128", show_default="auto"),
-    ] = None,
-    allow_external_links: Annotated[
-        bool | None,
-        typer.Option(
-            "--allow-external-links",
-            help="follow symbolic links that point outside the source (default: refused)",
-        ),
-    ] = None,
-    require_masks: Annotated[
-        bool | None, typer.Option("--require-masks/--allow-unlabeled", show_default=False)
-    ] = None,
-    strict: Annotated[
-        bool | None, typer.Option("--strict", help="exit 1 if anything was rejected")
-    ] = None,
-    endpoint_url: StorageOpt = None,
-    config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    endpoint_url: StorageOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False, **opts: Any
 ) -> None:
     """Ingest a raw image archive into a Zarr dataset (incremental and resumable)."""
-    from segflow.ingest import IngestConfig
     from segflow.ingest import ingest as run_ingest
 
     _setup_logging(as_json)
-    cfg = IngestConfig.load(
-        config,
-        layout=layout,
-        source=source,
-        dataset=dataset,
-        masks=masks,
-        size=size,
-        resize=resize,
-        workers=workers,
-        dask_address=dask_address,
-        image_glob=image_glob,
-        mask_template=mask_template,
-        annotations=annotations,
-        max_pixels=max_pixels,
-        mask_positive=mask_positive,
-        allow_external_links=allow_external_links,
-        require_masks=require_masks,
-        strict=strict,
-        storage=_storage(endpoint_url),
-    )
+    cfg = IngestConfig.load(config, **opts, storage=_storage(endpoint_url))
     result = run_ingest(cfg)
     summary = result.to_dict()
     human = (
@@ -187,69 +132,23 @@ def ingest(
 
 
 @app.command()
+@config_options(
+    TrainConfig,
+    "dataset models folds fold_ids arch encoder encoder_weights size epochs "
+    "batch_size loss lr seed executor ray_address gpus_per_fold cpus_per_fold "
+    "overwrite",
+    flag_types={"fold_ids": str},  # --fold-ids 0,3
+)
 def train(
-    dataset: Annotated[str | None, typer.Option(help="URL of the Zarr dataset")] = None,
-    models: Annotated[str | None, typer.Option(help="URL of the models location")] = None,
-    folds: Annotated[
-        int | None, typer.Option(help="K of the K-fold split", show_default="5")
-    ] = None,
-    fold_ids: Annotated[str | None, typer.Option(help="train only these folds, e.g. 0,3")] = None,
-    arch: Annotated[str | None, typer.Option(help="smp architecture (Unet, FPN...)")] = None,
-    encoder: Annotated[str | None, typer.Option(help="smp encoder (resnet34...)")] = None,
-    encoder_weights: Annotated[
-        str | None,
-        typer.Option(help="state-dict file/URL, or a named source: efficientnet-lite0-imagenet"),
-    ] = None,
-    size: Annotated[tuple[int, int] | None, typer.Option(help="input H W")] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs", show_default="30")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="batch size", show_default="16")] = None,
-    loss: Annotated[str | None, typer.Option(help="dice|bce|bce_dice|focal|jaccard")] = None,
-    lr: Annotated[float | None, typer.Option(help="learning rate", show_default="1e-3")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of split, init and augmentation")] = None,
-    executor: Annotated[str | None, typer.Option(help="ray | inline")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster (auto, ray://...)")] = None,
-    gpus_per_fold: Annotated[float | None, typer.Option(help="GPUs per fold (0 on CPU)")] = None,
-    cpus_per_fold: Annotated[int | None, typer.Option(help="CPU threads per fold")] = None,
-    overwrite: Annotated[
-        bool | None,
-        typer.Option(
-            "--overwrite",
-            help="when --models holds a training of another config, delete it and train "
-            "afresh (default: refuse, naming the fields that differ)",
-        ),
-    ] = None,
-    endpoint_url: StorageOpt = None,
-    config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    endpoint_url: StorageOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False, **opts: Any
 ) -> None:
     """Train a K-fold U-Net: one fold per Ray task, resumable, with out-of-fold predictions."""
-    from segflow.train import TrainConfig
     from segflow.train import train as run_train
 
     _setup_logging(as_json)
-    ids = [int(x) for x in fold_ids.split(",") if x.strip()] if fold_ids else None
-    cfg = TrainConfig.load(
-        config,
-        dataset=dataset,
-        models=models,
-        folds=folds,
-        fold_ids=ids,
-        arch=arch,
-        encoder=encoder,
-        encoder_weights=encoder_weights,
-        size=size,
-        epochs=epochs,
-        batch_size=batch_size,
-        loss=loss,
-        lr=lr,
-        seed=seed,
-        executor=executor,
-        ray_address=ray_address,
-        gpus_per_fold=gpus_per_fold,
-        cpus_per_fold=cpus_per_fold,
-        overwrite=overwrite,
-        storage=_storage(endpoint_url),
-    )
+    if opts["fold_ids"]:
+        opts["fold_ids"] = [int(x) for x in opts["fold_ids"].split(",") if x.strip()]
+    cfg = TrainConfig.load(config, **opts, storage=_storage(endpoint_url))
     result = run_train(cfg)
     lines = [f"models: {result.models} ({result.seconds:.0f}s)"]
     for f in result.folds:
@@ -266,60 +165,23 @@ def train(
 
 
 @app.command()
+@config_options(
+    PredictConfig,
+    "models out dataset source layout folds tta threshold postprocess "
+    "save_probabilities executor ray_address gpus_per_worker batch_size shard_size",
+)
 def predict(
-    models: Annotated[str | None, typer.Option(help="URL of the trained models")] = None,
-    out: Annotated[str | None, typer.Option(help="URL to write masks to")] = None,
-    dataset: Annotated[str | None, typer.Option(help="predict an ingested dataset")] = None,
-    source: Annotated[str | None, typer.Option(help="or raw files at this URL")] = None,
-    layout: Annotated[
-        str | None,
-        typer.Option(
-            help="isic | nerve | folder; isic names the masks <id>_segmentation.png, the others "
-            "<id>.png (recorded in predictions.json for crops, evaluate, export-rle)",
-            show_default="folder",
-        ),
-    ] = None,
-    folds: Annotated[str | None, typer.Option(help="all, or e.g. 0,2")] = None,
-    tta: Annotated[str | None, typer.Option(help="d4 | flips | none")] = None,
-    threshold: Annotated[str | None, typer.Option(help="auto | 0..1")] = None,
-    postprocess: Annotated[str | None, typer.Option(help="auto | none | lcc | lcc_fill")] = None,
-    save_probabilities: Annotated[
-        bool | None, typer.Option("--save-probabilities", help="also write probabilities")
-    ] = None,
-    executor: Annotated[str | None, typer.Option(help="ray | inline")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="images per model batch")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="inputs per resumable shard")] = None,
     version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    **opts: Any,
 ) -> None:
     """Segment images with the fold ensemble + TTA; masks at the original resolution."""
-    from segflow.predict.config import PredictConfig
     from segflow.predict.run import predict as run_predict
 
     _setup_logging(as_json)
-    cfg = PredictConfig.load(
-        config,
-        models=models,
-        out=out,
-        dataset=dataset,
-        source=source,
-        layout=layout,
-        folds=folds,
-        tta=tta,
-        threshold=threshold,
-        postprocess=postprocess,
-        save_probabilities=save_probabilities,
-        executor=executor,
-        ray_address=ray_address,
-        gpus_per_worker=gpus_per_worker,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        storage=_storage(endpoint_url),
-    )
+    cfg = PredictConfig.load(config, **opts, storage=_storage(endpoint_url))
     cfg = cfg.model_copy(update={"models": _version_folder(cfg.models, version, cfg.storage)})
     result = run_predict(cfg, progress=None if as_json else _progress_bar())
     human = (
@@ -408,43 +270,19 @@ def export_rle(
 
 
 @app.command()
+@config_options(
+    CropsConfig,
+    "predictions source out layout mode margin background format quality "
+    "min_area_frac dask_address workers",
+)
 def crops(
-    predictions: PredictionsOpt = None,
-    source: Annotated[str | None, typer.Option(help="URL of the original images")] = None,
-    out: Annotated[str | None, typer.Option(help="URL to write crops to")] = None,
-    layout: LayoutOpt = None,
-    mode: Annotated[str | None, typer.Option(help="masked | crop | mask | all")] = None,
-    margin: Annotated[float | None, typer.Option(help="margin, fraction of the box")] = None,
-    background: Annotated[str | None, typer.Option(help="black | mean | white")] = None,
-    format: Annotated[str | None, typer.Option(help="png | jpeg")] = None,
-    quality: Annotated[int | None, typer.Option(help="JPEG quality")] = None,
-    min_area_frac: Annotated[float | None, typer.Option(help="smallest lesion kept")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Dask scheduler address")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask workers")] = None,
-    endpoint_url: StorageOpt = None,
-    config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    endpoint_url: StorageOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False, **opts: Any
 ) -> None:
     """Crop each image to its mask's largest component (for a downstream classifier)."""
-    from segflow.crops import CropsConfig, make_crops
+    from segflow.crops import make_crops
 
     _setup_logging(as_json)
-    cfg = CropsConfig.load(
-        config,
-        predictions=predictions,
-        source=source,
-        out=out,
-        layout=layout,
-        mode=mode,
-        margin=margin,
-        background=background,
-        format=format,
-        quality=quality,
-        min_area_frac=min_area_frac,
-        dask_address=dask_address,
-        workers=workers,
-        storage=_storage(endpoint_url),
-    )
+    cfg = CropsConfig.load(config, **opts, storage=_storage(endpoint_url))
     r = make_crops(cfg)
     human = (
         f"crops of {r.n_ok} images in {r.out} ({r.n_empty} empty, {r.n_error} errors; "
@@ -454,38 +292,18 @@ def crops(
 
 
 @app.command()
+@config_options(
+    ServeConfig,
+    "models version tta host port ray_address replicas gpus_per_replica max_pixels",
+)
 def serve(
-    models: Annotated[str | None, typer.Option(help="URL of the trained models")] = None,
-    version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
-    tta: Annotated[str | None, typer.Option(help="d4 | flips | none", show_default="flips")] = None,
-    host: Annotated[str | None, typer.Option(help="bind address", show_default="127.0.0.1")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port", show_default="8000")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
-    replicas: Annotated[int | None, typer.Option(help="model replicas", show_default="1")] = None,
-    gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs per replica")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="larger images get 413")] = None,
-    endpoint_url: StorageOpt = None,
-    config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    endpoint_url: StorageOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False, **opts: Any
 ) -> None:
     """Serve the fold ensemble over HTTP (Ray Serve) until Ctrl-C: POST an image, get its mask."""
-    from segflow.serve import ServeConfig
     from segflow.serve.deployment import serve_forever
 
     _setup_logging(as_json)
-    cfg = ServeConfig.load(
-        config,
-        models=models,
-        version=version,
-        tta=tta,
-        host=host,
-        port=port,
-        ray_address=ray_address,
-        replicas=replicas,
-        gpus_per_replica=gpus_per_replica,
-        max_pixels=max_pixels,
-        storage=_storage(endpoint_url),
-    )
+    cfg = ServeConfig.load(config, **opts, storage=_storage(endpoint_url))
 
     def ready(r) -> None:
         human = (

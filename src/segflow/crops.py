@@ -89,16 +89,22 @@ class CropsConfig(StageConfig):
 
     predictions: str = Field(description=PREDICTIONS_HELP)
     source: str = Field(description="URL of the original images (<id>.jpg, .png, ...)")
-    out: str
+    out: str = Field(description="URL to write crops to")
     layout: Literal["isic", "folder"] | None = Field(None, description=LAYOUT_HELP)
-    mode: Literal["masked", "crop", "mask", "all"] = "masked"
-    margin: float = Field(DEFAULT_MARGIN, ge=0)
-    background: Literal["black", "mean", "white"] = DEFAULT_BACKGROUND
-    format: Literal["png", "jpeg"] = "png"
-    quality: int = Field(95, ge=1, le=100)
-    min_area_frac: float = Field(0.001, ge=0, le=1)
-    workers: int | None = Field(None, ge=1)
-    dask_address: str | None = None
+    mode: Literal["masked", "crop", "mask", "all"] = Field(
+        "masked", description="masked | crop | mask | all"
+    )
+    margin: float = Field(DEFAULT_MARGIN, ge=0, description="margin, fraction of the box")
+    background: Literal["black", "mean", "white"] = Field(
+        DEFAULT_BACKGROUND, description="black | mean | white"
+    )
+    format: Literal["png", "jpeg"] = Field("png", description="png | jpeg")
+    quality: int = Field(95, ge=1, le=100, description="JPEG quality")
+    min_area_frac: float = Field(
+        0.001, ge=0, le=1, description="smallest lesion kept, a fraction of the image area"
+    )
+    workers: int | None = Field(None, ge=1, description="local Dask workers")
+    dask_address: str | None = Field(None, description="Dask scheduler address")
     max_pixels: int = Field(178_956_970, ge=1)
 
 

@@ -16,12 +16,12 @@ LAYOUTS: tuple[str, ...] = ("isic", "nerve", "luna", "folder")
 class IngestConfig(StageConfig):
     """Everything ``segflow ingest`` takes. Fields marked runtime do not change the output."""
 
-    layout: Layout
+    layout: Layout = Field(description="isic | nerve | luna | folder")
     source: str = Field(description="URL of the raw archive (folder or s3 prefix)")
     dataset: str = Field(description="URL of the Zarr dataset to create or extend")
     masks: str | None = Field(None, description="URL of the masks when not beside the images")
     size: tuple[int, int] = Field((256, 256), description="target (H, W)")
-    resize: Literal["stretch", "letterbox"] = "stretch"
+    resize: Literal["stretch", "letterbox"] = Field("stretch", description="stretch | letterbox")
     require_masks: bool | None = Field(
         None, description="reject images without a mask; default: yes when any mask is found"
     )

@@ -17,21 +17,27 @@ class PredictConfig(StageConfig):
     dataset: str | None = Field(None, description="predict every row of this Zarr dataset")
     source: str | None = Field(None, description="or: predict raw files from this URL")
     layout: Literal["isic", "nerve", "folder"] = Field(
-        "folder", description="isic names masks <id>_segmentation.png, the others <id>.png"
+        "folder",
+        description="isic | nerve | folder; isic names the masks <id>_segmentation.png, the "
+        "others <id>.png (recorded in predictions.json for crops, evaluate, export-rle)",
     )
     image_glob: str = Field("*", description="folder layout: which files are images")
     folds: str = Field("all", description="'all' or a list like '0,2'")
-    tta: Literal["d4", "flips", "none"] = "flips"
+    tta: Literal["d4", "flips", "none"] = Field("flips", description="d4 | flips | none")
     threshold: Literal["auto"] | float = Field("auto", description="'auto' (out-of-fold) or 0..1")
-    postprocess: Literal["auto", "none", "lcc", "lcc_fill"] = "auto"
-    save_probabilities: bool = False
+    postprocess: Literal["auto", "none", "lcc", "lcc_fill"] = Field(
+        "auto", description="auto | none | lcc | lcc_fill"
+    )
+    save_probabilities: bool = Field(False, description="also write probabilities")
     max_pixels: int = Field(178_956_970, gt=0)
     # runtime
-    executor: Literal["ray", "inline"] = "ray"
-    ray_address: str | None = None
-    gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 with GPUs, else 0")
+    executor: Literal["ray", "inline"] = Field("ray", description="ray | inline")
+    ray_address: str | None = Field(None, description="Ray cluster address")
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs per worker (default: 1 with GPUs, else 0)"
+    )
     workers: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="images per model batch")
     shard_size: int = Field(256, ge=1, description="inputs per resumable shard")
     io_threads: int | None = Field(None, ge=1, description="decode/write threads per worker")
 

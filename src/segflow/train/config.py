@@ -17,22 +17,26 @@ class TrainConfig(StageConfig):
 
     dataset: str = Field(description="URL of the Zarr dataset (segflow ingest)")
     models: str = Field(description="URL of the models location (splits, folds, checkpoints)")
-    folds: int = Field(5, ge=2, le=20)
-    fold_ids: list[int] | None = Field(None, description="train only these folds (default: all)")
-    seed: int = 42
+    folds: int = Field(5, ge=2, le=20, description="K of the K-fold split")
+    fold_ids: list[int] | None = Field(
+        None, description="train only these folds, e.g. 0,3 (default: all)"
+    )
+    seed: int = Field(42, description="seed of split, init and augmentation")
     # model
-    arch: str = Field("Unet", validate_default=True)
-    encoder: str = "resnet34"
-    encoder_weights: str | None = Field(None, description="file, URL or named source")
+    arch: str = Field("Unet", validate_default=True, description="smp architecture (Unet, FPN...)")
+    encoder: str = Field("resnet34", description="smp encoder (resnet34...)")
+    encoder_weights: str | None = Field(
+        None, description="state-dict file/URL, or a named source: efficientnet-lite0-imagenet"
+    )
     encoder_depth: int = Field(5, ge=3, le=5)
     decoder_channels: list[int] | None = None
     size: tuple[int, int] | None = Field(None, description="input H W (default: the dataset's)")
     # optimisation
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)
-    loss: Loss = "bce_dice"
+    epochs: int = Field(30, ge=1, description="epochs")
+    batch_size: int = Field(16, ge=1, description="batch size")
+    loss: Loss = Field("bce_dice", description="dice | bce | bce_dice | focal | jaccard")
     optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["plateau", "cosine"] = "plateau"
     plateau_patience: int = Field(3, ge=0)
@@ -50,15 +54,21 @@ class TrainConfig(StageConfig):
     )
     init_models: str | None = Field(None, description="models URL whose versions/ it names")
     # runtime
-    executor: Literal["ray", "inline"] = Field("ray", description="inline: folds in-process")
-    ray_address: str | None = None
-    gpus_per_fold: float | None = Field(None, ge=0, description="default: 1 with GPUs, else 0")
-    cpus_per_fold: int | None = Field(None, ge=1)
+    executor: Literal["ray", "inline"] = Field(
+        "ray", description="ray | inline (inline: folds in-process)"
+    )
+    ray_address: str | None = Field(None, description="Ray cluster (auto, ray://...)")
+    gpus_per_fold: float | None = Field(
+        None, ge=0, description="GPUs per fold (default: 1 with GPUs, else 0)"
+    )
+    cpus_per_fold: int | None = Field(None, ge=1, description="CPU threads per fold")
     max_retries: int = Field(1, ge=0)
     prefetch: int = Field(4, ge=1, description="batches read ahead")
     cache_mb: int = Field(2048, ge=0, description="hold a fold's data in RAM below this")
     overwrite: bool = Field(
-        False, description="delete a training of another config found at `models`, not refuse"
+        False,
+        description="when `models` holds a training of another config, delete it and train "
+        "afresh (default: refuse, naming the fields that differ)",
     )
 
     runtime_fields = frozenset(
