@@ -69,6 +69,8 @@ def _eval_key(
 ) -> str:
     aliases = read_aliases(models_url, storage)
     champion = _record_hash(models_url, aliases, storage)
+    # the last history event too: a decision cached before aliases moved (a rollback, a manual
+    # promotion) is never replayed after them
     return task_key(
         "gate",
         version.hash,
@@ -77,6 +79,7 @@ def _eval_key(
         tta,
         aliases.get(PRODUCTION),
         champion,
+        aliases.get("last_event"),
     )
 
 
@@ -104,10 +107,17 @@ def evaluate_challenger(
 @task(name="apply-gate", **IO_RETRIES)
 def apply_decision(
     models_url: str, version: VersionManifest, evaluation: GateEvaluation, storage: StorageOptions
-) -> dict[str, str | None]:
-    """Record the gate section in the version record; move production when promoted."""
-    aliases = apply_gate(models_url, version.version, evaluation.record, storage)
-    return {"production": aliases.get(PRODUCTION), "previous": aliases.get(PREVIOUS)}
+) -> dict[str, Any]:
+    """Record the gate section in the version record; move production when promoted (not when
+    a person took this version out of production, or production moved during evaluation: the
+    returned ``record`` then says "not promoted" and why)."""
+    applied = apply_gate(models_url, version.version, evaluation.record, storage)
+    aliases = applied.aliases
+    return {
+        "production": aliases.get(PRODUCTION),
+        "previous": aliases.get(PREVIOUS),
+        "record": applied.record,
+    }
 
 
 def run_gate(
@@ -140,7 +150,7 @@ def run_gate(
         }
     evaluation = cached(evaluate_challenger)(gate, models_url, version, benchmark, tta, storage)
     moved = apply_decision(models_url, version, evaluation, storage)
-    record = evaluation.record
+    record = moved["record"]
     promotion = {
         "decision": record["decision"],
         "promoted": bool(record["promote"]),

@@ -57,16 +57,21 @@ def world(request, tmp_path_factory):
     return {"loc": loc, "models": models, "good": good, "bad": bad, "gate": gate, "bench": bench}
 
 
-def _set_production(w, vid: str) -> None:
-    move_production(w["models"], vid, "promote", "test set-up", "test", w["loc"].storage)
+def _set_production(w, *vids: str) -> None:
+    """A fresh alias history promoting ``vids`` in order (the module's tests share the models
+    URL, and a version a person demoted in an earlier test is never re-promoted by the gate)."""
+    models = Store(w["models"], w["loc"].storage)
+    if models.exists("versions/history"):
+        models.delete("versions/history", recursive=True)
+    for vid in vids:
+        move_production(w["models"], vid, "promote", "test set-up", "test", w["loc"].storage)
 
 
 def _gate(w, challenger: str, **changes) -> dict:
     gate = w["gate"].model_copy(update=changes)
     st = w["loc"].storage
     res = evaluate_gate(gate, w["models"], challenger, w["bench"], "none", st)
-    apply_gate(w["models"], challenger, res.record, st)
-    return res.record
+    return apply_gate(w["models"], challenger, res.record, st).record
 
 
 def test_worse_challenger_is_refused_and_production_stays(world):
@@ -115,8 +120,7 @@ def test_rollback_then_predict_uses_previous(world, tmp_path: Path, caplog):
     from segflow.cli import app
 
     st = world["loc"].storage
-    _set_production(world, "good")
-    _set_production(world, "bad")
+    _set_production(world, "good", "bad")
     ep = ["--endpoint-url", st.endpoint_url] if st.endpoint_url else []
     runner = CliRunner()
     res = runner.invoke(

@@ -64,7 +64,8 @@ def test_promote_rollback_and_history(models):
     aliases = read_aliases(url, st)
     assert (aliases[PRODUCTION], aliases[PREVIOUS]) == ("v2", "v1")
     back = rollback(url, "v2 misbehaves", actor="carol", storage=st)
-    assert (back[PRODUCTION], back[PREVIOUS]) == ("v1", "v2")
+    # nothing below v1: a second rollback must not put the bad v2 back
+    assert (back[PRODUCTION], back[PREVIOUS]) == ("v1", None)
     history = read_history(url, st)
     assert [(e.version, e.action, e.actor, e.reason) for e in history] == [
         ("v1", "promote", "alice", "first model"),
@@ -166,3 +167,74 @@ def test_models_cli(models, location):
         target = url if args != ("list",) else location.url("empty")
         code, out = _cli("models", *args, "--models", target, endpoint=ep)
         assert code == 2 and message in out, (args, out)
+
+
+def _gate_record(champion: str | None) -> dict:
+    return {"promote": True, "decision": "promoted", "reason": "benchmark ok", "champion": champion}
+
+
+def test_gate_never_undoes_a_rollback(models):
+    """A retrain after a rollback rebuilds the same version id; its gate decision must not make
+    the rolled-back version production again."""
+    from segflow.gate import apply_gate
+
+    url, st = models.url, models.options
+    promote(url, "v1", "first", storage=st)
+    promote(url, "v2", "newer", storage=st)
+    rollback(url, "v2 misbehaves", storage=st)
+    applied = apply_gate(url, "v2", _gate_record("v1"), st)
+    assert read_aliases(url, st)[PRODUCTION] == "v1"
+    assert applied.aliases[PRODUCTION] == "v1" and not applied.record["promote"]
+    assert applied.record["decision"] == "not promoted"
+    assert "v2 was rolled back on" in applied.record["reason"]
+    assert "segflow models promote" in applied.record["reason"]
+    saved = models.read_json("versions/v2.json")["gate"]
+    assert not saved["promote"] and "rolled back" in saved["reason"]
+    # promoted by hand, the block is lifted
+    promote(url, "v2", "fixed", storage=st)
+    assert read_aliases(url, st)[PRODUCTION] == "v2"
+
+
+def test_gate_promotion_is_compare_and_swap(models):
+    """Two gate decisions taken against the same champion: only the first in history order
+    moves production; both writers see the same aliases."""
+    from segflow.gate import apply_gate
+
+    url, st = models.url, models.options
+    promote(url, "v1", "first", storage=st)
+    first = apply_gate(url, "v2", _gate_record("v1"), st)
+    second = apply_gate(url, "v3", _gate_record("v1"), st)
+    assert read_aliases(url, st)[PRODUCTION] == "v2"
+    assert first.record["promote"] and first.aliases[PRODUCTION] == "v2"
+    assert not second.record["promote"]
+    assert "production moved to v2 during evaluation" in second.record["reason"]
+    aliases = read_aliases(url, st)
+    assert (aliases[PRODUCTION], aliases[PREVIOUS]) == ("v2", "v1")
+    assert aliases == derive_aliases(read_history(url, st))
+    for applied in (first, second):  # each writer's view is the same production/previous
+        assert (applied.aliases[PRODUCTION], applied.aliases[PREVIOUS]) == ("v2", "v1")
+
+
+def test_rollback_pops_and_a_retried_rollback_is_a_no_op(models):
+    url, st = models.url, models.options
+    for vid in ("v1", "v2"):
+        promote(url, vid, vid, storage=st)
+    move_production(url, "v3", "promote", "v3", "t", st)  # v3 is incomplete: by the library
+    back = rollback(url, "v3 bad", storage=st)
+    assert (back[PRODUCTION], back[PREVIOUS]) == ("v2", "v1")
+    back = rollback(url, "v2 bad too", storage=st)
+    assert (back[PRODUCTION], back[PREVIOUS]) == ("v1", None)
+    # a retried rollback of v3 (its writer timed out and tried again) changes nothing
+    move_production(url, "v2", "rollback", "retry", "t", st, seen="v3", demotes="v3")
+    aliases = read_aliases(url, st)
+    assert (aliases[PRODUCTION], aliases[PREVIOUS]) == ("v1", None)
+
+
+def test_read_aliases_rebuilds_a_stale_view(models):
+    """A writer that died between its event and the view leaves aliases.json behind."""
+    url, st = models.url, models.options
+    promote(url, "v1", "first", storage=st)
+    stale = models.read_json("versions/aliases.json")
+    promote(url, "v2", "newer", storage=st)
+    models.write_json("versions/aliases.json", stale)
+    assert read_aliases(url, st)[PRODUCTION] == "v2"

@@ -34,9 +34,12 @@ from segflow.storage import StorageOptions, Store, sha256_json
 from segflow.versions import (
     PRODUCTION,
     ModelVersion,
+    blocked_by,
     move_production,
     read_aliases,
+    read_history,
     resolve_version,
+    took_effect,
     update_record,
 )
 
@@ -383,23 +386,62 @@ def evaluate_gate(
     return GateResult(record, png)
 
 
+@dataclass(frozen=True)
+class AppliedGate:
+    aliases: dict[str, Any]  # the aliases afterwards
+    record: dict[str, Any]  # the ``gate`` section as saved (decision as it ended)
+
+
 def apply_gate(
     models_url: str,
     challenger_id: str,
     record: dict[str, Any],
     storage: StorageOptions | None = None,
-) -> dict[str, Any]:
+) -> AppliedGate:
     """Write the ``gate`` section into the version record and, when the decision is to
-    promote, move production (one history event); returns the aliases afterwards."""
-    update_record(models_url, challenger_id, storage, gate=record)
+    promote, move production (one history event, compare-and-swap on ``record["champion"]``).
+    A promotion is turned down, and the record says why, when a person took the challenger
+    out of production (a rollback, or a manual promotion of another version): a retrain that
+    rebuilds the same version id must not undo it. Also when production moved during the
+    evaluation: the replay ignores a gate event whose champion is no longer production."""
+    record = dict(record)
+    aliases: dict[str, Any] | None = None
     if record.get("promote"):
-        aliases = move_production(
-            models_url, challenger_id, "gate", record["reason"], storage=storage
-        )
-    else:
+        blocker = blocked_by(read_history(models_url, storage), challenger_id)
+        if blocker is not None:
+            how = "rolled back" if blocker.action == "rollback" else "demoted by hand"
+            _refuse(
+                record,
+                f"{challenger_id} was {how} on {blocker.at} ({blocker.reason}); promote it by "
+                "hand with `segflow models promote`",
+            )
+        else:
+            moved = move_production(
+                models_url,
+                challenger_id,
+                "gate",
+                record["reason"],
+                storage=storage,
+                seen=record.get("champion"),
+            )
+            if took_effect(read_history(models_url, storage), moved["event"]):
+                aliases = moved
+            else:
+                now = read_aliases(models_url, storage).get(PRODUCTION)
+                _refuse(record, f"production moved to {now} during evaluation")
+    update_record(models_url, challenger_id, storage, gate=record)
+    if aliases is None:
         aliases = read_aliases(models_url, storage)
     log.info("gate: %s %s: %s", challenger_id, record["decision"], record["reason"])
-    return aliases
+    return AppliedGate({k: v for k, v in aliases.items() if k != "event"}, record)
+
+
+def _refuse(record: dict[str, Any], why: str) -> None:
+    record.update(
+        decision=NOT_PROMOTED,  # the state message reads "not promoted: <why>"
+        promote=False,
+        reason=f"{why} (the evaluation said: {record['reason']})",
+    )
 
 
 def disagreement_grid(

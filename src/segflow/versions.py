@@ -162,6 +162,9 @@ def _has_folds(root: Store) -> bool:
 
 
 # -- aliases -------------------------------------------------------------------------------------
+_UNSET: Any = object()
+
+
 @dataclass(frozen=True)
 class AliasEvent:
     """One move of the production alias: who or what moved it, when, to which version, why."""
@@ -172,17 +175,80 @@ class AliasEvent:
     actor: str
     at: str = ""
     event: str = ""  # object name under versions/history/ (time-ordered, unique)
-    seen_production: str | None = None  # production when the writer decided (for the audit)
+    # production when the writer decided: a ``gate`` event whose champion is no longer
+    # production when the history is replayed does not take effect (compare-and-swap)
+    seen_production: str | None = None
+    demotes: str | None = None  # rollback: the version it takes out of production
+
+
+@dataclass
+class _Replay:
+    stack: list[str] = field(default_factory=list)  # production versions, newest last
+    ignored: list[str] = field(default_factory=list)  # event names that did not take effect
+    # version -> the event that took it out of production by hand (rollback or promote)
+    demoted: dict[str, AliasEvent] = field(default_factory=dict)
+
+
+def _replay(events: list[AliasEvent]) -> _Replay:
+    """The alias state machine. Production is the top of a stack: a promotion pushes, a rollback
+    pops. Events that no longer apply at their point of the history are ignored, the same way
+    by every reader: a ``gate`` event whose champion was replaced meanwhile, a ``gate`` event of
+    a version a person took out of production, a rollback of a version that is not production
+    (a retried rollback)."""
+    r = _Replay()
+    for e in events:
+        production = r.stack[-1] if r.stack else None
+        if e.action == "rollback":
+            demotes = e.demotes if e.demotes is not None else e.seen_production
+            if production is None or demotes != production:
+                r.ignored.append(e.event)
+                continue
+            r.stack.pop()
+            r.demoted[production] = e
+            continue
+        if e.action == "gate" and (e.seen_production != production or e.version in r.demoted):
+            r.ignored.append(e.event)
+            continue
+        if e.action == "promote":
+            r.demoted.pop(e.version, None)  # promoted by hand: the gate may move it again
+            if production is not None and production != e.version:
+                r.demoted[production] = e
+        if e.version != production:
+            r.stack.append(e.version)
+    return r
+
+
+def blocked_by(events: list[AliasEvent], version: str) -> AliasEvent | None:
+    """The rollback (or manual promotion of another version) that took ``version`` out of
+    production, when no manual promotion of it came since; the gate never undoes it."""
+    return _replay(events).demoted.get(version)
+
+
+def took_effect(events: list[AliasEvent], event: str) -> bool:
+    """Whether the history event named ``event`` moved the aliases when replayed."""
+    return any(e.event == event for e in events) and event not in _replay(events).ignored
 
 
 def read_aliases(models_url: str, storage: StorageOptions | None = None) -> dict[str, Any]:
-    """``{"production": id|None, "previous": id|None, ...}``; empty when nothing was promoted."""
+    """``{"production": id|None, "previous": id|None, ...}``; empty when nothing was promoted.
+    ``aliases.json`` is trusted only while it was derived from the whole history: a writer that
+    died between its event and the view leaves it behind, and then the history is replayed."""
     root = Store(models_url, storage)
+    names = _event_names(root)
+    if not names:
+        return root.read_json(ALIASES) if root.exists(ALIASES) else {}
     if root.exists(ALIASES):
-        return root.read_json(ALIASES)
-    if root.exists(HISTORY):  # a writer died between its event and the view: derive it
-        return derive_aliases(read_history(models_url, storage))
-    return {}
+        view = root.read_json(ALIASES)
+        if view.get("last_event") == names[-1] and view.get("events") == len(names):
+            return view
+    return derive_aliases(read_history(models_url, storage))
+
+
+def _event_names(root: Store) -> list[str]:
+    return sorted(
+        posixpath.basename(f.rel).removesuffix(".json")
+        for f in root.list(HISTORY, pattern="*.json")
+    )
 
 
 def read_history(models_url: str, storage: StorageOptions | None = None) -> list[AliasEvent]:
@@ -196,16 +262,14 @@ def read_history(models_url: str, storage: StorageOptions | None = None) -> list
 
 
 def derive_aliases(events: list[AliasEvent]) -> dict[str, Any]:
-    """Replay the history: each event makes its version production and the one it replaced
-    ``previous``. The same history always gives the same aliases, whoever replays it."""
-    production = previous = None
-    for e in events:
-        if e.version != production:
-            production, previous = e.version, production
+    """Replay the history (:func:`_replay`): production is the newest version standing,
+    ``previous`` the one a rollback would return to. The same history always gives the same
+    aliases, whoever replays it."""
+    stack = _replay(events).stack
     last = events[-1] if events else None
     return {
-        PRODUCTION: production,
-        PREVIOUS: previous,
+        PRODUCTION: stack[-1] if stack else None,
+        PREVIOUS: stack[-2] if len(stack) > 1 else None,
         "events": len(events),
         "last_event": last.event if last else None,
         "updated_at": last.at if last else None,
@@ -219,11 +283,15 @@ def move_production(
     reason: str,
     actor: str | None = None,
     storage: StorageOptions | None = None,
+    seen: str | None = _UNSET,
+    demotes: str | None = None,
 ) -> dict[str, Any]:
     """Append one history event making ``version`` production, then bring ``aliases.json`` up to
-    date with the whole history; returns the aliases. Safe to call from concurrent writers."""
+    date with the whole history; returns the aliases (with ``"event"``: this event's name).
+    ``seen``: production when the caller decided (default: now). Safe from concurrent writers."""
     root = Store(models_url, storage)
-    seen = read_aliases(models_url, storage).get(PRODUCTION)
+    if seen is _UNSET:
+        seen = read_aliases(models_url, storage).get(PRODUCTION)
     now = datetime.now(UTC)
     # nanosecond time first: the history sorts in time order; the uuid makes names unique
     name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
@@ -235,10 +303,11 @@ def move_production(
         now.isoformat(timespec="seconds"),
         name,
         seen,
+        demotes,
     )
     root.write_json(f"{HISTORY}/{name}.json", event.__dict__)
     log.info("%s: production -> %s (%s; was %s)", action, version, reason, seen)
-    return sync_aliases(models_url, storage)
+    return {**sync_aliases(models_url, storage), "event": name}
 
 
 def sync_aliases(models_url: str, storage: StorageOptions | None = None) -> dict[str, Any]:
@@ -260,7 +329,8 @@ def rollback(
     actor: str | None = None,
     storage: StorageOptions | None = None,
 ) -> dict[str, Any]:
-    """Production goes back to ``previous`` (recorded as an event like any other move)."""
+    """Production goes back to ``previous`` (recorded as an event naming the version it
+    demotes, so a retried rollback of the same version is a no-op, not a toggle)."""
     aliases = read_aliases(models_url, storage)
     target = aliases.get(PREVIOUS)
     if not target:
@@ -268,7 +338,10 @@ def rollback(
             f"nothing to roll back to at {Store(models_url, storage).url}: no 'previous' alias "
             f"(production is {aliases.get(PRODUCTION)!r}); promote a version by id instead"
         )
-    return move_production(models_url, target, "rollback", reason, actor, storage)
+    current = aliases.get(PRODUCTION)
+    return move_production(
+        models_url, target, "rollback", reason, actor, storage, seen=current, demotes=current
+    )
 
 
 def default_actor() -> str:
