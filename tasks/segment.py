@@ -21,7 +21,8 @@ from segflow.tasks.common import stage_task
 def resolve_model_version(
     models_url: str, version: str | None, storage: StorageOptions
 ) -> ResolvedVersion:
-    """The model version to segment with (default: the latest)."""
+    """The model version to segment with (default: ``production``; ``latest`` only while
+    nothing was promoted)."""
     return stages.resolve(models_url, version, storage)
 
 

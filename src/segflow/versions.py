@@ -30,6 +30,12 @@ sorted history. ``aliases.json`` is that function's result, written atomically a
 and rewritten until the history it was derived from is still the whole history: whichever
 writer finishes last has seen every earlier event, so concurrent promotions end in one
 consistent alias and a complete history, in the order of the event names.
+
+The replay (:func:`derive_aliases`) keeps production as a stack: a promotion pushes, a rollback
+pops. It ignores, identically for every reader: a rollback whose demoted version is not
+production at its point (a retry), and a ``gate`` event whose ``seen_production`` (the champion
+it was evaluated against) is no longer production, or whose version a person took out of
+production (a rollback, a manual promotion of another) since its last manual promotion.
 """
 
 from __future__ import annotations

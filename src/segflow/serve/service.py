@@ -2,7 +2,8 @@
 
 The driver (``segflow serve``) resolves the version, the threshold and the post-processing
 once, before any replica starts, so a bad ``--version`` fails at start and every replica
-serves the same choice even if ``versions/latest.json`` moves meanwhile.
+serves the same choice even if the aliases or ``versions/latest.json`` move meanwhile. Without
+``--version`` that is ``production``, and ``latest`` only while nothing was promoted.
 """
 
 from __future__ import annotations
