@@ -238,3 +238,25 @@ def test_read_aliases_rebuilds_a_stale_view(models):
     promote(url, "v2", "newer", storage=st)
     models.write_json("versions/aliases.json", stale)
     assert read_aliases(url, st)[PRODUCTION] == "v2"
+
+
+def test_gate_cache_key_changes_when_aliases_moved(models):
+    """promote v1, v2, roll back: production is v1 again with the same record, but a gate
+    decision cached before the rollback must not be replayed after it."""
+    from segflow.gate import GateConfig
+    from segflow.pipeline.manifests import BenchmarkManifest, VersionManifest
+    from segflow.tasks.gate import _eval_key
+
+    url, st = models.url, models.options
+    version = VersionManifest(hash="h", version="v2", url=url, run="runs/v2", record={})
+    bench = BenchmarkManifest(hash="b", url="bench", content_hash="b", n_images=1)
+
+    def key() -> str:
+        return _eval_key(GateConfig(), url, version, bench, "none", st)
+
+    promote(url, "v1", "first", storage=st)
+    before = key()
+    promote(url, "v2", "newer", storage=st)
+    rollback(url, "v2 misbehaves", storage=st)
+    assert read_aliases(url, st)[PRODUCTION] == "v1"
+    assert key() != before
