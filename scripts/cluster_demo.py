@@ -49,6 +49,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+WORKER = [PY, "-m", "prefect", "worker", "start"]
 T0 = time.monotonic()
 BUCKET = "segflow"  # the production bucket name: the deployments' URLs are used unchanged
 #: training small enough for 2 shared cores; every other option is the production one
@@ -334,19 +335,7 @@ class Cluster:
         # AWS_*, SEGFLOW_HOME): the compose prefect-worker's set-up. Its folder is no checkout.
         self.procs.start(
             "prefect-worker",
-            [
-                PY,
-                "-m",
-                "prefect",
-                "worker",
-                "start",
-                "--pool",
-                "cluster",
-                "--type",
-                "process",
-                "--name",
-                "demo-worker",
-            ],
+            [*WORKER, "--pool", "cluster", "--type", "process", "--name", "demo-worker"],
             cwd=work,
         )
 
@@ -592,21 +581,8 @@ def demo(cluster: Cluster, tmp: Path) -> dict[str, Any]:
     say(f"Ray head {head[:12]}, GPU nodes {[v[:12] for v in gpu_nodes.values()]}")
 
     procs.run([PY, "-m", "prefect", "work-pool", "create", "cluster", "--type", "process"])
-    procs.run(
-        [
-            PY,
-            "-m",
-            "prefect",
-            "--no-prompt",
-            "deploy",
-            "-n",
-            "retrain",
-            "-n",
-            "bulk-segment",
-            "--prefect-file",
-            "deployments/prefect.yaml",
-        ],
-    )
+    deploy = [PY, "-m", "prefect", "--no-prompt", "deploy", "-n", "retrain", "-n", "bulk-segment"]
+    procs.run([*deploy, "--prefect-file", "deployments/prefect.yaml"])
     say("deployments retrain and bulk-segment registered on pool `cluster` (a process pool here)")
     cluster.start_worker(work)
     fs = s3()

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import os
 import posixpath
 import socket
 import time
@@ -360,11 +359,11 @@ def default_actor() -> str:
             return f"flow run {ctx.flow_run.name} ({ctx.flow_run.id})"
     except Exception as e:  # prefect missing or not in a run: fall back to the user
         log.debug("no flow run to name as the actor: %s", e)
-    user = os.environ.get("USER") or _safe_user()
-    return f"{user}@{socket.gethostname()}"
+    return f"{_safe_user()}@{socket.gethostname()}"
 
 
 def _safe_user() -> str:
+    """The login name (getpass reads LOGNAME, USER, LNAME, USERNAME, then the password db)."""
     try:
         return getpass.getuser()
     except Exception:
