@@ -57,7 +57,13 @@ def ingest_subset(data: Path, ids: list[str], work: Path, name: str, size: tuple
             if not link.exists():
                 link.symlink_to(data / sub / fname)
     cfg = IngestConfig(
-        layout="isic", source=str(images), masks=str(masks), dataset=url, size=size, workers=1
+        layout="isic",
+        source=str(images),
+        masks=str(masks),
+        dataset=url,
+        size=size,
+        workers=1,
+        allow_external_links=True,  # the subset is symlinks into --data, on purpose
     )
     res = ingest(cfg)
     if res.n_images != len(ids):
