@@ -20,6 +20,7 @@ from segflow.cli_options import config_options
 from segflow.crops import CropsConfig
 from segflow.errors import SegflowError
 from segflow.ingest.config import IngestConfig
+from segflow.pairing import IMAGE_PATTERN_HELP, MASK_TEMPLATE_HELP, PAIRS_HELP
 from segflow.predict.config import PredictConfig
 from segflow.serve.config import ServeConfig
 from segflow.train.config import TrainConfig
@@ -107,7 +108,7 @@ def _require(opts: dict[str, Any], command: str, *names: str) -> None:
 @config_options(
     IngestConfig,
     "layout source dataset masks size resize workers dask_address image_glob "
-    "mask_template annotations max_pixels mask_positive allow_external_links "
+    "image_pattern mask_template pairs annotations max_pixels mask_positive allow_external_links "
     "require_masks strict",
     decls={"require_masks": "--require-masks/--allow-unlabeled"},
 )
@@ -167,8 +168,8 @@ def train(
 @app.command()
 @config_options(
     PredictConfig,
-    "models out dataset source layout folds tta threshold postprocess "
-    "save_probabilities executor ray_address gpus_per_worker batch_size shard_size",
+    "models out dataset source layout image_glob image_pattern pairs folds tta threshold "
+    "postprocess save_probabilities executor ray_address gpus_per_worker batch_size shard_size",
 )
 def predict(
     version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
@@ -217,8 +218,13 @@ def evaluate(
     ] = None,
     mask_template: Annotated[
         str | None,
-        typer.Option(help="truth file names from {stem}, e.g. '{stem}_lesion.bmp' (PH2)"),
+        typer.Option(
+            help=f"truth masks: {MASK_TEMPLATE_HELP}; alone, truth file names such as "
+            "'{stem}_lesion.bmp' (PH2)"
+        ),
     ] = None,
+    image_pattern: Annotated[str | None, typer.Option(help=IMAGE_PATTERN_HELP)] = None,
+    pairs: Annotated[str | None, typer.Option(help=f"{PAIRS_HELP} (inside --truth)")] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -229,7 +235,13 @@ def evaluate(
 
     _setup_logging(as_json)
     opts = _options(
-        config, predictions=predictions, truth=truth, layout=layout, mask_template=mask_template
+        config,
+        predictions=predictions,
+        truth=truth,
+        layout=layout,
+        mask_template=mask_template,
+        image_pattern=image_pattern,
+        pairs=pairs,
     )
     _require(opts, "evaluate", "predictions", "truth")
     r = run_evaluate(
@@ -238,6 +250,8 @@ def evaluate(
         layout=opts.get("layout"),
         storage=_storage_options(endpoint_url),
         mask_template=opts.get("mask_template"),
+        image_pattern=opts.get("image_pattern"),
+        pairs=opts.get("pairs"),
     )
     human = (
         f"{r.n} images: Dice {r.mean_dice:.4f}, Jaccard {r.mean_jaccard:.4f}, thresholded "

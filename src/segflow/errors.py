@@ -15,3 +15,8 @@ class InputError(SegflowError):
 
 class DatasetError(SegflowError):
     """A dataset does not follow the contract in docs/dataset.md, or conflicts with a request."""
+
+
+class PairingError(ConfigError):
+    """Images cannot be paired with their masks as asked (a pattern, template or pairs CSV);
+    the message shows one example of each side."""

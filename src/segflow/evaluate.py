@@ -9,7 +9,8 @@ in memory.
 ``predictions`` is the output folder of ``segflow predict`` (or its ``masks/``, or a folder of
 masks; :mod:`segflow.predict.outputs`): a predict run's masks are named as its record says.
 The truth's naming is ``mask_template`` (``{stem}_lesion.bmp``), else ``layout``, else the
-predictions' own. The outputs land beside the masks, in the predict output folder:
+predictions' own; ``image_pattern`` + ``mask_template`` or ``pairs`` pair it as ingest does
+(:mod:`segflow.pairing`). The outputs land beside the masks, in the predict output folder:
 ``evaluation.csv``, ``evaluation.json`` and, last, ``evaluate.complete.json``. When no
 prediction matches any truth mask, nothing is scored: :class:`InputError` shows one name from
 each side.
@@ -29,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from segflow.cluster import cpu_count
-from segflow.errors import ConfigError, InputError, SegflowError
+from segflow.errors import ConfigError, InputError, PairingError, SegflowError
 from segflow.geometry import place
 from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_mask, mask_to_frame
+from segflow.pairing import Dropped, Pairing, check_template, pair_by_name, read_pairs
 from segflow.predict.outputs import MASK_LAYOUTS, open_predictions, template_pattern
 from segflow.storage import StorageOptions, Store, iter_batches
 
@@ -112,6 +114,8 @@ def evaluate(
     max_pixels: int = 178_956_970,
     workers: int | None = None,
     mask_template: str | None = None,
+    image_pattern: str | None = None,
+    pairs: str | None = None,
 ) -> EvaluationResult:
     """Score every ground-truth mask at ``truth`` against its prediction at ``predictions``.
 
@@ -121,14 +125,25 @@ def evaluate(
     truth follows ``mask_template`` (e.g. ``{stem}_lesion.bmp``), else ``layout``, else the
     predictions' naming. A truth mask with no prediction is scored as an empty prediction and
     listed in ``missing_predictions``; when no prediction matches any truth mask at all, it is
-    an :class:`InputError` (a wrong folder or naming, not a model that found nothing)."""
+    an :class:`InputError` (a wrong folder or naming, not a model that found nothing).
+
+    ``image_pattern`` (with ``mask_template``) or ``pairs`` pair the truth as ``segflow
+    ingest`` does (:mod:`segflow.pairing`): ``truth`` is then the archive that holds the
+    images (the pattern) or the masks the CSV names; a CSV row whose mask is missing is
+    reported in ``errors``."""
     preds = open_predictions(predictions, storage, layout)
     pred_store, truth_store = preds.masks_store, Store(truth, storage)
     truth_naming = mask_template or layout or preds.layout
-    truth_files = list_masks(truth_store, truth_naming)
+    if pairs or image_pattern:
+        truth_files, dropped, truth_naming = _paired_truth(
+            truth_store, image_pattern, mask_template, pairs
+        )
+    else:
+        truth_files, dropped = list_masks(truth_store, truth_naming), []
     if not truth_files:
+        why = f"; e.g. {dropped[0].detail}" if dropped else ""
         raise InputError(
-            f"no ground-truth masks at {truth_store.url!r} for {_naming(truth_naming)}"
+            f"no ground-truth masks at {truth_store.url!r} for {_naming(truth_naming)}{why}"
         )
     pred_files = list_masks(pred_store, preds.layout)
     if not pred_files:
@@ -136,12 +151,13 @@ def evaluate(
         raise InputError(f"no predicted masks at {pred_store.url!r} for {_naming(preds.layout)}")
     if not set(truth_files) & set(pred_files):
         raise InputError(_no_match(pred_store, pred_files, preds.layout, truth_files, truth_naming))
-    pairs = [_Pair(i, truth_files[i], pred_files.get(i)) for i in sort_ids(truth_files)]
-    rows = _score_all(pairs, pred_store, truth_store, max_pixels, workers)
+    todo = [_Pair(i, truth_files[i], pred_files.get(i)) for i in sort_ids(truth_files)]
+    rows = _score_all(todo, pred_store, truth_store, max_pixels, workers)
+    rows += [_Row(d.id, error=f"{d.reason}: {d.detail}") for d in dropped]
     out = preds.root  # beside the masks, in the predict output folder
     csv_url = out.write_bytes(CSV_NAME, _csv_bytes(rows))
     result = _summarise(rows, csv_url, out.uri(JSON_NAME))
-    result.missing_predictions = [p.id for p in pairs if p.pred is None]
+    result.missing_predictions = [p.id for p in todo if p.pred is None]
     result.unmatched_predictions = sort_ids(set(pred_files) - set(truth_files))
     summary = {
         **result.to_dict(),
@@ -167,18 +183,49 @@ def _no_match(
         f"no prediction matches any ground-truth mask: e.g. prediction {pred_files[pred_id]!r} "
         f"(id {pred_id!r}, {_naming(pred_naming)}) vs truth {truth_files[truth_id]!r} "
         f"(id {truth_id!r}, {_naming(truth_naming)}). Name the truth's files with "
-        "--mask-template (e.g. '{stem}_lesion.bmp') or --layout; --predictions is the output "
+        "--mask-template (e.g. '{stem}_lesion.bmp'), --image-pattern with --mask-template, "
+        "--pairs, or --layout; --predictions is the output "
         f"folder of `segflow predict` ({pred_store.url})"
     )
 
 
 # -- discovery ----------------------------------------------------------------------------------
+def _paired_truth(
+    store: Store, image_pattern: str | None, mask_template: str | None, pairs: str | None
+) -> tuple[dict[str, str], list[Dropped], str]:
+    """id -> truth mask path by ``--image-pattern`` + ``--mask-template`` over the images in
+    ``store``, or by a pairs CSV; the CSV rows left out; the naming, as the summary says it."""
+    files = store.list()
+    if pairs:
+        by_rel = {f.rel: f for f in files}
+        found = read_pairs(pairs, store.options, store, None, store, by_rel)
+        truth = {}
+        for c in found.candidates:
+            if c.mask is not None:
+                truth.setdefault(c.id, c.mask)
+        return truth, found.dropped, f"pairs {pairs}"
+    if mask_template is None:
+        raise PairingError(
+            f"--image-pattern {image_pattern!r} finds the images; give --mask-template too, "
+            "to name each image's truth mask (e.g. '../1st_manual/{id}_manual1.gif')"
+        )
+    listed = {f.rel for f in files}
+    spec = Pairing(image_pattern=image_pattern, mask_template=mask_template)
+    truth = {}
+    for c in pair_by_name(files, spec, masks_beside=True, root=store.url):
+        if c.mask in listed:
+            truth.setdefault(c.id, c.mask)
+    return truth, [], f"pattern {image_pattern!r} -> {mask_template!r}"
+
+
 def list_masks(store: Store, naming: str) -> dict[str, str]:
     """id -> path of every mask file in ``store`` under ``naming``: a layout (``isic``,
-    ``folder``) or a template with ``{stem}`` (``{stem}_lesion.bmp``). Ids keep their
-    sub-folder (``sub/a``); when two files share an id (``a.png``, ``a.tif``) the first in
-    sorted order is used."""
-    template = template_pattern(naming) if "{" in naming else None
+    ``folder``) or a template with ``{stem}`` or ``{id}`` (``{stem}_lesion.bmp``;
+    ``masks/{id}.gif`` matches whole paths under ``store``). Ids keep their sub-folder
+    (``sub/a``) unless the template names a folder; when two files share an id (``a.png``,
+    ``a.tif``) the first in sorted order is used."""
+    template = _reverse_template(naming) if "{" in naming else None
+    whole_path = template is not None and "/" in naming
     if template is None and naming not in LAYOUTS:
         raise ConfigError(
             f"unknown layout {naming!r}; allowed: {', '.join(LAYOUTS)}, or a --mask-template "
@@ -191,10 +238,12 @@ def list_masks(store: Store, naming: str) -> dict[str, str]:
         if ext.lower() not in IMAGE_SUFFIXES:
             continue
         if template is not None:
-            m = template.match(name)
+            m = template.match(f.rel if whole_path else name)
             if not m:
                 continue
             stem = m["id"]
+            if whole_path:
+                folder = ""
         elif naming == "isic":
             m = _ISIC_MASK.match(stem)
             if not m:
@@ -202,6 +251,19 @@ def list_masks(store: Store, naming: str) -> dict[str, str]:
             stem = m["id"]
         found.setdefault(posixpath.join(folder, stem), f.rel)
     return found
+
+
+def _reverse_template(template: str) -> re.Pattern[str]:
+    """A mask template read backwards (file name -> id), for truth folders that hold only
+    masks: it can use the id alone; a template that leaves the image's folder needs the
+    images (``--image-pattern``)."""
+    check_template(template, ("id", "stem"))
+    if template.startswith("../") or "/../" in template:
+        raise PairingError(
+            f"--mask-template {template!r} leaves the image's folder: give --image-pattern "
+            "too, with --truth the folder that holds the images, to find each image's mask"
+        )
+    return template_pattern(template.lstrip("/"))
 
 
 def sort_ids(ids: Iterable[str]) -> list[str]:
@@ -213,6 +275,8 @@ def sort_ids(ids: Iterable[str]) -> list[str]:
 
 
 def _naming(naming: str) -> str:
+    if naming.startswith(("pairs ", "pattern ")):
+        return naming
     if "{" in naming:
         return f"mask template {naming!r}"
     if naming == "isic":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from segflow.config import StageConfig
 from segflow.imaging import MaskPositive
+from segflow.pairing import IMAGE_PATTERN_HELP, MASK_TEMPLATE_HELP, PAIRS_HELP
 
 Layout = Literal["isic", "nerve", "luna", "folder"]
 LAYOUTS: tuple[str, ...] = ("isic", "nerve", "luna", "folder")
@@ -41,11 +42,13 @@ class IngestConfig(StageConfig):
         description="follow symbolic links that resolve outside the source (default: refuse "
         "them as unreadable; links inside the source are always followed)",
     )
-    # folder layout
+    # folder layout (pairing: segflow.pairing, shared with predict and evaluate)
     image_glob: str = Field("*", description="folder layout: fnmatch of image paths")
+    image_pattern: str | None = Field(None, description=f"folder layout: {IMAGE_PATTERN_HELP}")
     mask_template: str = Field(
-        "{stem}_mask.png", description="folder layout: mask name from {stem}, {name}, {ext}"
+        "{stem}_mask.png", description=f"folder layout: {MASK_TEMPLATE_HELP}"
     )
+    pairs: str | None = Field(None, description=f"folder layout: {PAIRS_HELP}")
     # luna layout
     annotations: str | None = Field(None, description="luna: CSV URL (default: source/...)")
     hu_window: tuple[float, float] = Field((-1000.0, 400.0), description="luna: HU window")
@@ -65,6 +68,18 @@ class IngestConfig(StageConfig):
         if min(v) < 8 or max(v) > 8192:
             raise ValueError(f"size must be two integers (H, W) in 8..8192, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _pairing_ok(self) -> IngestConfig:
+        given = [f"--{n.replace('_', '-')}" for n in ("image_pattern", "pairs") if getattr(self, n)]
+        if given and self.layout != "folder":
+            raise ValueError(
+                f"{' and '.join(given)} pair files of the folder layout only; "
+                f"add --layout folder (got layout {self.layout})"
+            )
+        if len(given) == 2:
+            raise ValueError("give --image-pattern (pairing by name) or --pairs (a CSV), not both")
+        return self
 
     @field_validator("hu_window")
     @classmethod

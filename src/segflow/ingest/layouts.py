@@ -7,7 +7,6 @@ rerun on an unchanged source decides "nothing to do" in seconds.
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 from dataclasses import replace
 
@@ -16,6 +15,7 @@ from segflow.imaging import IMAGE_SUFFIXES
 from segflow.ingest import luna  # noqa: F401  (registers the luna layout)
 from segflow.ingest.config import IngestConfig
 from segflow.ingest.rows import Discovery, Listing, RowSpec, Skip, discoverer, register, stem_ext
+from segflow.pairing import Pairing, find_pairs
 from segflow.storage import FileInfo, Store
 
 _ISIC_MASK = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
@@ -35,11 +35,16 @@ def discover(cfg: IngestConfig, source: Store, masks: Store) -> Discovery:
     d = discoverer(cfg.layout)(Listing(cfg, source, files, mask_files, separate))
     d = _drop_duplicates(d)
     d.rejected = [
-        replace(s, source=(masks if s.reason == "orphan_mask" else source).uri(s.source))
+        replace(s, source=_uri(masks if s.reason == "orphan_mask" else source, s.source))
         for s in d.rejected
     ]
     external = cfg.allow_external_links
     return _drop_bad_links(d, source, masks, files, mask_files, external)
+
+
+def _uri(store: Store, rel: str) -> str:
+    """A skipped file's URL; a pairs CSV may name files by URL (or outside the store)."""
+    return rel if "://" in rel or rel.startswith("/") else store.uri(rel)
 
 
 def _drop_bad_links(
@@ -175,54 +180,31 @@ def _discover_nerve(listing: Listing) -> Discovery:
 # -- folder ---------------------------------------------------------------------------------------
 @register("folder")
 def _discover_folder(listing: Listing) -> Discovery:
-    import fnmatch
-
-    cfg, files, mask_files, separate = (
-        listing.cfg,
-        listing.files,
-        listing.mask_files,
-        listing.separate_masks,
-    )
-
-    by_rel = {f.rel: f for f in mask_files}
-    candidates = [
-        f
-        for f in files
-        if stem_ext(f.rel)[1] in IMAGE_SUFFIXES and fnmatch.fnmatch(f.rel, cfg.image_glob)
-    ]
-    mask_of = {f.rel: _folder_mask_rel(cfg.mask_template, f.rel) for f in candidates}
-    claimed = set(mask_of.values())
-    if not separate:  # a mask that also matches the image glob is not an image
-        candidates = [f for f in candidates if f.rel not in claimed]
-    images = [(posixpath.splitext(f.rel)[0], f) for f in candidates]
-    masks = {
-        posixpath.splitext(f.rel)[0]: by_rel[mask_of[f.rel]]
-        for f in candidates
-        if mask_of[f.rel] in by_rel
-    }
+    """Images and masks paired by name (glob, regex pattern, template) or by a pairs CSV: one
+    implementation with predict and evaluate (:mod:`segflow.pairing`)."""
+    cfg, separate = listing.cfg, listing.separate_masks
+    spec = Pairing(cfg.image_glob, cfg.image_pattern, cfg.mask_template, cfg.pairs)
+    mask_store = Store(cfg.masks, cfg.storage) if separate and cfg.masks else listing.source
+    found = find_pairs(spec, listing.source, listing.files, mask_store, listing.mask_files)
+    by_rel = {f.rel: f for f in listing.mask_files}
+    images = [(c.id, c.image) for c in found.candidates]
+    masks = {c.id: by_rel[c.mask] for c in found.candidates if c.mask in by_rel}
+    groups = {c.id: c.group for c in found.candidates}
     require = cfg.require_masks if cfg.require_masks is not None else bool(masks) or separate
-    d = _pair(images, masks, require, 0, group_of=lambda _id: "")
-    if separate:
+    d = _pair(images, masks, require, 0, group_of=lambda i: groups.get(i, ""))
+    # a group set by the pattern or the CSV is part of the row: a regrouping re-ingests it
+    d.rows = [
+        replace(r, fingerprint=f"{r.fingerprint}|group={r.group}") if r.group else r for r in d.rows
+    ]
+    d.rejected += [Skip(x.file, x.reason, x.detail) for x in found.dropped]
+    if separate and not cfg.pairs:  # a CSV names its masks: the others are not orphans
         used = {m.rel for m in masks.values()}
         d.rejected += [
             Skip(f.rel, "orphan_mask", "no image uses this mask", f.fingerprint)
-            for f in mask_files
+            for f in listing.mask_files
             if f.rel not in used and stem_ext(f.rel)[1] in IMAGE_SUFFIXES
         ]
     return d
-
-
-def _folder_mask_rel(template: str, rel: str) -> str:
-    folder, name = posixpath.split(rel)
-    stem, ext = posixpath.splitext(name)
-    try:
-        mask_name = template.format(stem=stem, name=name, ext=ext)
-    except (KeyError, IndexError) as e:
-        raise ConfigError(
-            f"mask_template {template!r} uses an unknown field {e}; allowed: {{stem}}, {{name}}, "
-            "{ext}"
-        ) from None
-    return posixpath.join(folder, mask_name)
 
 
 # -- shared ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from segflow.config import StageConfig
+from segflow.pairing import IMAGE_PATTERN_HELP, PAIRS_HELP
 
 
 class PredictConfig(StageConfig):
@@ -22,6 +23,8 @@ class PredictConfig(StageConfig):
         "others <id>.png (recorded in predictions.json for crops, evaluate, export-rle)",
     )
     image_glob: str = Field("*", description="folder layout: which files are images")
+    image_pattern: str | None = Field(None, description=IMAGE_PATTERN_HELP)
+    pairs: str | None = Field(None, description=f"{PAIRS_HELP}; only its image column is read")
     folds: str = Field("all", description="'all' or a list like '0,2'")
     tta: Literal["d4", "flips", "none"] = Field("flips", description="d4 | flips | none")
     threshold: Literal["auto"] | float = Field("auto", description="'auto' (out-of-fold) or 0..1")
@@ -60,6 +63,10 @@ class PredictConfig(StageConfig):
                 "give exactly one input: --dataset URL (an ingested dataset) or --source URL "
                 f"(raw files); got dataset={self.dataset!r} source={self.source!r}"
             )
+        if (self.image_pattern or self.pairs) and not self.source:
+            raise ValueError("--image-pattern and --pairs choose files of --source; give --source")
+        if self.image_pattern and self.pairs:
+            raise ValueError("give --image-pattern (pairing by name) or --pairs (a CSV), not both")
         return self
 
     @field_validator("threshold", mode="before")

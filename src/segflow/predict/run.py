@@ -99,6 +99,16 @@ def list_inputs(cfg: PredictConfig) -> Inputs:
     import fnmatch
 
     layout = mask_layout(cfg.layout)
+    if cfg.image_pattern or cfg.pairs:  # the same pairing options as ingest and evaluate
+        from segflow.pairing import list_images
+
+        named, rejected = list_images(
+            str(cfg.source), cfg.storage, cfg.image_glob, cfg.image_pattern, cfg.pairs
+        )
+        items, duplicates = _drop_duplicates(
+            [[i, r, mask_name(i, layout), fp] for i, r, fp in named]
+        )
+        return Inputs(items, rejected + duplicates, layout)
     found = []
     for f in Store(cfg.source, cfg.storage).list():  # type: ignore[arg-type]
         stem, ext = posixpath.splitext(f.rel)
