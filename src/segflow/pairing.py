@@ -53,8 +53,6 @@ PAIRS_HELP = (
     "relative to the CSV's folder or absolute URLs, inside the source (masks); the id defaults "
     "to the image's file name without suffix"
 )
-#: fields every mask template may use; a pattern adds its named groups
-BASE_FIELDS = ("id", "stem", "name", "ext")
 _MASK_COLUMNS = ("mask", "label")
 _SHOWN = 3  # example file names an error message lists
 

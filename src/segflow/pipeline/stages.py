@@ -64,6 +64,8 @@ def ingest_key(cfg: IngestConfig) -> str:
         inputs.append(listing_hash(Store(cfg.masks, cfg.storage)))
     if cfg.annotations:
         inputs.append(listing_hash(Store(cfg.annotations, cfg.storage)))
+    if cfg.pairs:  # an edited pairs CSV changes the dataset, wherever the CSV lives
+        inputs.append(listing_hash(Store(cfg.pairs, cfg.storage)))
     return task_key("ingest", inputs, config_hash(cfg), cfg.dataset)
 
 
