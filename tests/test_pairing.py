@@ -375,3 +375,51 @@ def test_the_flags_are_on_every_command():
     ]:
         out = runner.invoke(app, [command, "--help"], terminal_width=200).output
         assert all(f in out for f in flags), (command, out)
+
+
+def test_a_rerun_is_a_no_op_and_a_regrouped_row_is_updated(local):
+    root = local.store("archive")
+    for k in range(3):
+        img, mask = coded_pair(k, H, W)
+        root.write_bytes(f"s{k}.png", png_bytes(img))
+        root.write_bytes(f"m{k}.png", png_bytes(mask))
+
+    def write_csv(last_group: str) -> None:
+        groups = ["a", "a", last_group]
+        lines = ["image,mask,group"] + [f"s{k}.png,m{k}.png,{groups[k]}" for k in range(3)]
+        root.write_bytes("pairs.csv", "\n".join(lines).encode())
+
+    write_csv("b")
+    assert _ingest(local, source=root.url, pairs=root.uri("pairs.csv")).n_new == 3
+    again = _ingest(local, source=root.url, pairs=root.uri("pairs.csv"))
+    assert (again.n_new, again.n_updated) == (0, 0)
+    write_csv("c")
+    res = _ingest(local, source=root.url, pairs=root.uri("pairs.csv"))
+    assert (res.n_new, res.n_updated) == (0, 1)
+    ds = Dataset.open(local.url("ds"))
+    assert dict(zip(ds.ids, [str(g) for g in ds.column("groups")], strict=True)) == {
+        "s0": "a",
+        "s1": "a",
+        "s2": "c",
+    }
+
+
+def test_evaluate_command_line_takes_the_pairing_flags(local):
+    import json
+
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+
+    truth, preds = local.store("drive"), local.store("pred")
+    write_drive(truth, ks=(1,))
+    _prediction_folder(preds, {"01": expected_mask(1)})
+    args = ["evaluate", "--predictions", preds.url, "--truth", truth.url, "--json"]
+    res = CliRunner().invoke(
+        app, [*args, "--image-pattern", DRIVE_PATTERN, "--mask-template", DRIVE_TEMPLATE]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["mean_dice"] == 1.0
+    bad = ["--image-pattern", r"(?P<id>\d+)_test\.tif", "--mask-template", "{id}.gif"]
+    res = CliRunner().invoke(app, [*args, *bad])
+    assert isinstance(res.exception, PairingError) and "matches none of" in str(res.exception)
