@@ -193,7 +193,7 @@ def test_a_pattern_that_matches_nothing_shows_the_files_it_saw(local):
     msg = str(e.value)
     assert "matches none of the 3 files" in msg and "'1st_manual/01_manual1.gif'" in msg
     # the fix is computed: the pattern matched a file name, not the whole path
-    assert "'images/01_test.tif'" in msg and r"'images/(?P<id>\\d+)_test\\.tif'" in msg
+    assert "'images/01_test.tif'" in msg and r"'images/(?P<id>\d+)_test\.tif'" in msg
 
 
 def test_a_template_naming_an_unknown_field_lists_the_known_ones(local):

@@ -199,7 +199,7 @@ def _paired_truth(
     if pairs:
         by_rel = {f.rel: f for f in files}
         found = read_pairs(pairs, store.options, store, None, store, by_rel)
-        truth = {}
+        truth: dict[str, str] = {}
         for c in found.candidates:
             if c.mask is not None:
                 truth.setdefault(c.id, c.mask)
@@ -211,7 +211,7 @@ def _paired_truth(
         )
     listed = {f.rel for f in files}
     spec = Pairing(image_pattern=image_pattern, mask_template=mask_template)
-    truth = {}
+    truth = {}  # id -> mask path; the first image of an id wins, as elsewhere
     for c in pair_by_name(files, spec, masks_beside=True, root=store.url):
         if c.mask in listed:
             truth.setdefault(c.id, c.mask)

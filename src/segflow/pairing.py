@@ -93,15 +93,20 @@ class Paired:
     dropped: list[Dropped] = field(default_factory=list)
 
 
+def _q(option: str) -> str:
+    """An option value quoted as a shell takes it (a regex's backslashes stay single)."""
+    return f"'{option}'"
+
+
 # -- by name ------------------------------------------------------------------------------------
 def compile_image_pattern(pattern: str) -> re.Pattern[str]:
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise PairingError(f"--image-pattern {pattern!r} is not a valid regex: {e}") from None
+        raise PairingError(f"--image-pattern {_q(pattern)} is not a valid regex: {e}") from None
     if "id" not in rx.groupindex:
         raise PairingError(
-            f"--image-pattern {pattern!r} has no named group id; name the part that identifies "
+            f"--image-pattern {_q(pattern)} has no named group id; name the part that identifies "
             rf"an image, e.g. '(?P<id>\d+)_test\.tif' for 01_test.tif (id 01)"
         )
     return rx
@@ -113,7 +118,7 @@ def template_fields(template: str) -> list[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
         raise PairingError(
-            f"--mask-template {template!r} is not a valid template ({e}); write fields as {{id}}"
+            f"--mask-template {_q(template)} is not a valid template ({e}); write fields as {{id}}"
         ) from None
     return [name for _, name, _, _ in parsed if name is not None]
 
@@ -126,7 +131,7 @@ def check_template(template: str, known: Sequence[str], example: str | None = No
             shown = f"{{{name}}}" if name else "{}"
             for_example = f"; e.g. for image {example}" if example else ""
             raise PairingError(
-                f"--mask-template {template!r} names an unknown field {shown}; known fields: "
+                f"--mask-template {_q(template)} names an unknown field {shown}; known fields: "
                 f"{', '.join('{' + k + '}' for k in known)}{for_example}"
             )
 
@@ -141,7 +146,7 @@ def mask_path(template: str, image_rel: str, fields: Mapping[str, str]) -> str:
         rel = posixpath.normpath(posixpath.join(posixpath.dirname(image_rel), filled))
     if rel == ".." or rel.startswith("../") or rel in (".", ""):
         raise PairingError(
-            f"--mask-template {template!r} maps image {image_rel!r} to {rel!r}, outside the "
+            f"--mask-template {_q(template)} maps image {image_rel!r} to {rel!r}, outside the "
             "masks' root; name a folder inside it (a leading / starts at the root)"
         )
     return rel
@@ -194,7 +199,9 @@ def _show_fields(rel: str, fields: Mapping[str, str]) -> str:
     return f"{rel!r}: " + ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
 
-def _matches_nothing(spec: Pairing, rx: re.Pattern[str], files: Sequence[FileInfo], root: str):
+def _matches_nothing(
+    spec: Pairing, rx: re.Pattern[str], files: Sequence[FileInfo], root: str
+) -> str:
     images = [f.rel for f in files if posixpath.splitext(f.rel)[1].lower() in IMAGE_SUFFIXES]
     seen = images or [f.rel for f in files]
     shown = ", ".join(repr(r) for r in seen[:_SHOWN]) or "no files"
@@ -204,14 +211,14 @@ def _matches_nothing(spec: Pairing, rx: re.Pattern[str], files: Sequence[FileInf
         folder = posixpath.dirname(by_name)
         hint = (
             f"; it matches the file name of {by_name!r} but is matched against the whole path: "
-            f"write {re.escape(folder) + '/' + spec.image_pattern!r}, or "
-            f"{'(?:.*/)?' + spec.image_pattern!r} for any folder"
+            f"write {_q(re.escape(folder) + '/' + str(spec.image_pattern))}, or "
+            f"{_q('(?:.*/)?' + str(spec.image_pattern))} for any folder"
         )
     elif spec.image_glob != "*":
         hint = f" (only files matching --image-glob {spec.image_glob!r} are tried)"
     return (
-        f"--image-pattern {spec.image_pattern!r} matches none of the {len(files)} files under "
-        f"{root}, e.g. {shown}{hint}"
+        f"--image-pattern {_q(str(spec.image_pattern))} matches none of the {len(files)} "
+        f"files under {root}, e.g. {shown}{hint}"
     )
 
 
@@ -226,8 +233,9 @@ def _one_image_per_mask(found: Iterable[Candidate], template: str | None) -> Non
         other = first.setdefault(c.mask, c)
         if other.id != c.id:
             raise PairingError(
-                f"--mask-template {template!r} maps two images to one mask: {other.image.rel!r} "
-                f"(id {other.id!r}) and {c.image.rel!r} (id {c.id!r}) -> {c.mask!r}; put the "
+                f"--mask-template {_q(str(template))} maps two images to one mask: "
+                f"{other.image.rel!r} (id {other.id!r}) and {c.image.rel!r} (id {c.id!r}) -> "
+                f"{c.mask!r}; put the "
                 "field that tells them apart into the template (or the pattern's id group)"
             )
 
