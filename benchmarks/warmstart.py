@@ -122,11 +122,14 @@ def train_until(cfg, max_epochs: int, target: float | None, deadline: float) -> 
         train_epoch,
         validate,
     )
+    from segflow.train.model import save_spec
 
     dataset = Dataset(Store(cfg.dataset))
     models = Store(cfg.models)
     train_data, val_data = fold_data(cfg, dataset, 0)
     run = setup_run(cfg, 0, dataset)
+    # config.json beside the weights, as fit_fold writes it: a warm start from this run reads it
+    save_spec(models.child("fold-0"), run.spec)
     progress = Progress()
     start = validate(run, val_data)  # epoch 0: the initial weights as they are
     curve = [
@@ -209,9 +212,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     v1 = work / "v1"
     write_split(v1, first, val)
-    runs["v1"] = train_until(make_cfg(args, ds1, v1), args.v1_epochs, None, math.inf)
-    # v1 is finished: the marker a warm start looks for (as fit_fold would write it)
-    Store(str(v1)).child("fold-0").mark_complete("fold", {"fold": 0, "status": "done"})
+    v1_fold, v1_json = Store(str(v1)).child("fold-0"), v1 / "v1.json"
+    if v1_json.exists() and v1_fold.read_marker("fold") and v1_fold.exists("config.json"):
+        runs["v1"] = json.loads(v1_json.read_text())  # a rerun reuses the finished v1
+    else:
+        runs["v1"] = train_until(make_cfg(args, ds1, v1), args.v1_epochs, None, math.inf)
+        v1_json.write_text(json.dumps(runs["v1"]))
+        # v1 is finished: the marker a warm start looks for (as fit_fold would write it)
+        v1_fold.mark_complete("fold", {"fold": 0, "status": "done"})
     target = runs["v1"]["best_thresholded_jaccard"]
     log.info("v1 best validation thresholded Jaccard: %.4f", target)
 
