@@ -384,6 +384,41 @@ def test_a_versioned_models_url_serves_its_record(models, tmp_path):
         Service(ServeConfig(models=str(root), version="r1"), pinned).check_version("latest")
 
 
+def test_a_request_may_name_the_version_by_the_alias_the_server_resolved(models, tmp_path):
+    import shutil
+
+    from segflow.serve.service import Service, VersionMismatch, resolve
+    from segflow.versions import move_production, write_version
+
+    root = tmp_path / "models"
+    for n, created in (("r1", "2026-01-01"), ("r2", "2026-01-02")):
+        shutil.copytree(models, root / "runs" / n)
+        write_version(str(root), {"version": n, "run": f"runs/{n}", "created_at": created})
+    for n in ("r1", "r2"):
+        move_production(str(root), n, "promote", "test", actor="test")
+
+    def service(version: str | None) -> Service:
+        cfg = ServeConfig(models=str(root), version=version)
+        return Service(cfg, resolve(cfg))
+
+    default = service(None)  # production: r2
+    assert default.version == "r2"
+    for ok in (None, "r2", "production"):
+        default.check_version(ok)
+    for refused in ("previous", "latest", "r1"):  # latest: not the name it resolved
+        with pytest.raises(VersionMismatch, match=f"{refused!r} is not served"):
+            default.check_version(refused)
+    previous = service("previous")
+    assert previous.version == "r1"
+    for ok in ("previous", "r1"):
+        previous.check_version(ok)
+    with pytest.raises(VersionMismatch):
+        previous.check_version("production")
+    service("production").check_version("production")
+    with pytest.raises(VersionMismatch):  # pinned by id: no alias follows it
+        service("r2").check_version("production")
+
+
 def test_replicas_that_cannot_be_placed_fail_locally_and_warn_on_a_cluster(caplog):
     from segflow.serve.deployment import _check_resources
 
