@@ -49,6 +49,8 @@ CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 MAX_BYTES_ENV = "SEGFLOW_SERVE_MAX_BYTES"
 BUDGET_ENV = "SEGFLOW_SERVE_PROXY_BUDGET"
 GUARDED_PATH = "/v1/segment"
+#: on the guard's own answers: which refusals the proxy made (the replica's carry no such header)
+REFUSED_BY = ("X-Refused-By", "proxy")
 
 
 def proxy_env(max_bytes: int) -> dict[str, str]:
@@ -163,6 +165,7 @@ def _busy(budget: int) -> HTTPError:
 async def _answer(send: Any, error: HTTPError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    extra = {**(error.headers or {}), REFUSED_BY[0]: REFUSED_BY[1]}
+    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
