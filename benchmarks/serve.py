@@ -16,15 +16,21 @@ bound to 127.0.0.1). Three ways, each a bounded load over the same files, round 
 Reported: requests/s, client-side p50/p99 latency, and the ratios to the in-process floor.
 The first HTTP mask is checked pixel for pixel against the in-process one.
 
-Then the junk case (``--junk-clients``, default 4): that many clients at once each send
-``--junk-mib`` (64) MiB of random bytes as ``image/jpeg`` to a server with the default byte
-limit (64 MiB): half with a declared Content-Length (one byte over the limit, refused before
-any read), half chunked with no length and four times as long (refused on its first bytes,
-which are no image signature). Meanwhile ``/healthz`` is polled every 20 ms and the RSS of
-Ray Serve's HTTP proxy process is sampled every 10 ms. Reported: the proxy's RSS growth (peak
-- before; bar < 200 MB) and the ``/healthz`` p50/p99 under that load (bar p99 < 100 ms).
+Then the junk case (``--junk-clients``, default 4): for ``--junk-seconds`` (10) that many
+clients send ``--junk-mib`` (64) MiB of random bytes as ``image/jpeg``, back to back, to a
+server with the default byte limit (64 MiB): half with a declared Content-Length one byte over
+the limit, half chunked with no length and four times as long (``--junk-signed``: the junk
+starts with a JPEG signature, so only the byte counts stop it). ``/healthz`` is polled every
+20 ms from its own process, as a load balancer would, and the RSS of Ray Serve's HTTP proxy is
+sampled every 10 ms. Reported: the proxy's RSS growth (peak - before; bar < 200 MB), the
+``/healthz`` sample size, p50, p99 and max during the junk (bar p99 < 100 ms) and over as long
+a window just before it, the CPU seconds the proxy, the replica and the junk clients spent in
+the window, and the load average. On a machine of few cores the junk clients compete with the
+server for the CPU (clients elsewhere would not): ``--junk-nice 19`` lowers their threads'
+priority, and the CPU figures say who used it.
 
     python benchmarks/serve.py [--clients 4] [--requests 8] [--models URL] [--json]
+    python benchmarks/serve.py --junk-only [--junk-nice 19] [--junk-signed]
 """
 
 from __future__ import annotations
@@ -198,7 +204,13 @@ print(json.dumps(out))
 
 
 def junk_load(
-    url: str, clients: int, mib: int, max_bytes: int, seconds: float, nice: int = 0
+    url: str,
+    clients: int,
+    mib: int,
+    max_bytes: int,
+    seconds: float,
+    nice: int = 0,
+    signed: bool = False,
 ) -> dict:
     """``clients`` clients send junk back to back for ``seconds`` while ``/healthz`` is probed
     from another process; the figures count only the checks that started inside that window."""
@@ -229,6 +241,8 @@ def junk_load(
             time.sleep(0.01)
 
     junk = np.random.default_rng(SEED).integers(0, 256, mib * 2**20, dtype=np.uint8).tobytes()
+    if signed:  # junk that passes the first-bytes check: only the byte counts stop it
+        junk = b"\xff\xd8\xff\xe0" + junk[4:]
     declared = junk + b"\0" if len(junk) == max_bytes else junk
 
     def send_once(c: int, client: httpx.Client) -> int:
@@ -290,6 +304,7 @@ def junk_load(
         "healthz_baseline": _summary(base),
         # CPU seconds each process spent in the window: over (window x cores) means queueing
         "junk_nice": nice,
+        "signed": signed,
         "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
@@ -339,6 +354,7 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
                     DEFAULT_MAX_BYTES,
                     args.junk_seconds,
                     args.junk_nice,
+                    args.junk_signed,
                 )
             }
         ensemble = load_ensemble(Store(models), None)
@@ -363,6 +379,7 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
             DEFAULT_MAX_BYTES,
             args.junk_seconds,
             args.junk_nice,
+            args.junk_signed,
         )
     finally:
         stop()
@@ -402,7 +419,8 @@ def print_report(rep: dict) -> None:
     j = rep["junk"]
     h, b = j["healthz"], j["healthz_baseline"]
     print(
-        f"junk: {j['clients']} clients x {j['mib']} MiB back to back for {j['seconds']:.1f}s "
+        f"junk{' (JPEG signature first)' if j['signed'] else ''}: {j['clients']} clients x "
+        f"{j['mib']} MiB back to back for {j['seconds']:.1f}s "
         f"({j['uploads']} uploads, statuses {j['statuses']}): proxy RSS "
         f"{j['proxy_rss_before_mb']:.0f} MB + {j['proxy_rss_growth_mb']:.0f} MB (bar < 200)"
     )
@@ -473,6 +491,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="niceness of the junk clients' threads: on a machine of few cores they compete "
         "with the server for CPU, which clients elsewhere would not",
+    )
+    p.add_argument(
+        "--junk-signed", action="store_true", help="junk that starts with a JPEG signature"
     )
     p.add_argument("--junk-only", action="store_true", help="only the junk case")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON line")
