@@ -70,6 +70,12 @@ def serve(cfg: ServeConfig) -> ServeResult:
     if local and not ray.is_initialized():
         _check_port_free(cfg.host, cfg.port)
         _install_proxy_guard(cfg.max_bytes)
+    elif not local:
+        log.info(
+            "on a Ray cluster the upload guard runs in Serve's proxy only if `ray start` had "
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=segflow.serve.proxy.middlewares in its "
+            "environment; the replicas refuse oversized and junk uploads either way"
+        )
     resources = connect_ray(cfg.ray_address)
     gpus = gpus_per_task(cfg.gpus_per_replica, resources)
     cpus = cfg.cpus_per_replica or max(1, int(resources.get("CPU", 1)) // cfg.replicas)
