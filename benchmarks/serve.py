@@ -429,6 +429,8 @@ def print_report(rep: dict) -> None:
         f"{j['junk_nice']}); load average "
         f"{j['load_average']} on {os.cpu_count()} cpus"
     )
+    if not j["uploads"]:
+        print("no junk upload finished in the window: these /healthz figures do not measure it")
     for label, x in (("during the junk", h), ("before (baseline)", b)):
         print(
             f"/healthz {label}: n {x['n']}, p50 {x.get('p50_ms', 0):.1f} ms, p99 "
