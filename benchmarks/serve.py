@@ -16,15 +16,21 @@ bound to 127.0.0.1). Three ways, each a bounded load over the same files, round 
 Reported: requests/s, client-side p50/p99 latency, and the ratios to the in-process floor.
 The first HTTP mask is checked pixel for pixel against the in-process one.
 
-Then the junk case (``--junk-clients``, default 4): that many clients at once each send
-``--junk-mib`` (64) MiB of random bytes as ``image/jpeg`` to a server with the default byte
-limit (64 MiB): half with a declared Content-Length (one byte over the limit, refused before
-any read), half chunked with no length and four times as long (refused on its first bytes,
-which are no image signature). Meanwhile ``/healthz`` is polled every 20 ms and the RSS of
-Ray Serve's HTTP proxy process is sampled every 10 ms. Reported: the proxy's RSS growth (peak
-- before; bar < 200 MB) and the ``/healthz`` p50/p99 under that load (bar p99 < 100 ms).
+Then the junk case (``--junk-clients``, default 4): for ``--junk-seconds`` (10) that many
+clients send ``--junk-mib`` (64) MiB of random bytes as ``image/jpeg``, back to back, to a
+server with the default byte limit (64 MiB): half with a declared Content-Length one byte over
+the limit, half chunked with no length and four times as long (``--junk-signed``: the junk
+starts with a JPEG signature, so only the byte counts stop it). ``/healthz`` is polled every
+20 ms from its own process, as a load balancer would, and the RSS of Ray Serve's HTTP proxy is
+sampled every 10 ms. Reported: the proxy's RSS growth (peak - before; bar < 200 MB), the
+``/healthz`` sample size, p50, p99 and max during the junk (bar p99 < 100 ms) and over as long
+a window just before it, the CPU seconds the proxy, the replica and the junk clients spent in
+the window, and the load average. On a machine of few cores the junk clients compete with the
+server for the CPU (clients elsewhere would not): ``--junk-nice 19`` lowers their threads'
+priority, and the CPU figures say who used it.
 
     python benchmarks/serve.py [--clients 4] [--requests 8] [--models URL] [--json]
+    python benchmarks/serve.py --junk-only [--junk-nice 19] [--junk-signed]
 """
 
 from __future__ import annotations
@@ -154,17 +160,31 @@ def same_mask(http_body: dict, png: bytes) -> bool:
 
 
 # -- junk: bodies the server refuses, and what they cost it ---------------------------------------
-def proxy_process():
-    """Ray Serve's HTTP proxy started by this driver (a descendant of this process)."""
+def serve_process(actor: str):
+    """A Ray Serve process started by this driver (a descendant of this process): the HTTP
+    proxy (``ProxyActor``) or the model replica (``ServeReplica``)."""
     import psutil
 
     for p in psutil.Process().children(recursive=True):
         try:
-            if "ProxyActor" in " ".join(p.cmdline()):
+            if actor in " ".join(p.cmdline()):
                 return p
         except psutil.Error:
             continue
-    raise RuntimeError("no Ray Serve proxy process among this process's descendants")
+    raise RuntimeError(f"no Ray Serve {actor} process among this process's descendants")
+
+
+def proxy_process():
+    return serve_process("ProxyActor")
+
+
+def _cpu_seconds(procs: dict) -> dict[str, float]:
+    """CPU time (user + system) of each process so far: where the load's work goes."""
+    out = {}
+    for name, p in procs.items():
+        t = p.cpu_times()
+        out[name] = t.user + t.system
+    return out
 
 
 # /healthz polled from its own process: a prober thread here would also time this process's
@@ -183,13 +203,30 @@ print(json.dumps(out))
 """
 
 
-def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
+def junk_load(
+    url: str,
+    clients: int,
+    mib: int,
+    max_bytes: int,
+    seconds: float,
+    nice: int = 0,
+    signed: bool = False,
+) -> dict:
+    """``clients`` clients send junk back to back for ``seconds`` while ``/healthz`` is probed
+    from another process; the figures count only the checks that started inside that window."""
     import subprocess
     import threading
+    from collections import Counter
 
     import httpx
+    import psutil
 
     proxy = proxy_process()
+    procs = {
+        "proxy": proxy,
+        "replica": serve_process("ServeReplica"),
+        "junk_clients": psutil.Process(),  # this process: the uploading threads
+    }
     rss_before = proxy.memory_info().rss
     stop = threading.Event()
     rss: list[int] = []
@@ -204,52 +241,84 @@ def junk_load(url: str, clients: int, mib: int, max_bytes: int) -> dict:
             time.sleep(0.01)
 
     junk = np.random.default_rng(SEED).integers(0, 256, mib * 2**20, dtype=np.uint8).tobytes()
+    if signed:  # junk that passes the first-bytes check: only the byte counts stop it
+        junk = b"\xff\xd8\xff\xe0" + junk[4:]
     declared = junk + b"\0" if len(junk) == max_bytes else junk
 
-    def send(c: int) -> int:
+    def pieces(body: bytes, times: int = 1):
+        # streamed 1 MiB at a time, as an uploading client does: handed whole, httpx (h11)
+        # copies all 64 MiB per upload, and that copy, not the server, then eats the CPU
+        view = memoryview(body)
+        for _ in range(times):
+            for i in range(0, len(view), 2**20):
+                yield view[i : i + 2**20]
+
+    def send_once(c: int, client: httpx.Client) -> int:
         headers = {"Content-Type": "image/jpeg"}
         if c % 2 == 0:  # declared, and over the limit when the junk is as large as the limit
-            content: object = declared
+            content = pieces(declared)
+            headers["Content-Length"] = str(len(declared))
         else:  # chunked, no length: four times the junk, cut by the server at the limit
-
-            def chunks():
-                for _ in range(4):
-                    for i in range(0, len(junk), 2**20):
-                        yield junk[i : i + 2**20]
-
-            content = chunks()
+            content = pieces(junk, 4)
         try:
-            with httpx.Client(base_url=url, timeout=120) as client:
-                return client.post("/v1/segment", content=content, headers=headers).status_code
+            return client.post("/v1/segment", content=content, headers=headers).status_code
         except httpx.HTTPError:  # the server closed the connection mid-upload
             return 0
 
+    def send(c: int) -> Counter:
+        # back to back until the window ends: one upload is refused in milliseconds, so a
+        # single round would leave a window too short to time more than a few health checks
+        out: Counter = Counter()
+        if nice:  # Linux: the niceness of this thread only; the server and the prober keep 0
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            while time.monotonic() < deadline:
+                out[send_once(c, client)] += 1
+        return out
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    time.sleep(3.0)  # a baseline of health checks: the machine may be busy without junk
-    t0, started = time.monotonic(), time.perf_counter()
+    time.sleep(seconds)  # a baseline of health checks: the machine may be busy without junk
+    cpu0 = _cpu_seconds(procs)
+    t0 = time.monotonic()
+    deadline = t0 + seconds
     with ThreadPoolExecutor(clients) as pool:
-        statuses = list(pool.map(send, range(clients)))
-    seconds = time.perf_counter() - started
-    time.sleep(0.5)
+        counts = list(pool.map(send, range(clients)))
+    t1 = time.monotonic()
+    cpu1 = _cpu_seconds(procs)
     stop.set()
     sampler.join()
     stop_file.touch()
     health = json.loads(prober.communicate(timeout=60)[0])
-    ms = np.asarray([s for at, s in health if at >= t0]) * 1000
+    during = np.asarray([s for at, s in health if t0 <= at < t1]) * 1000
     base = np.asarray([s for at, s in health if at < t0]) * 1000
+    statuses = sum(counts, Counter())
     return {
-        "healthz_baseline_p50_ms": round(float(np.percentile(base, 50)), 1),
-        "healthz_baseline_p99_ms": round(float(np.percentile(base, 99)), 1),
         "clients": clients,
         "mib": mib,
-        "statuses": statuses,
-        "seconds": round(seconds, 2),
+        "seconds": round(t1 - t0, 2),
+        "uploads": sum(statuses.values()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "proxy_rss_before_mb": round(rss_before / 2**20, 1),
         "proxy_rss_growth_mb": round((max(rss) - rss_before) / 2**20, 1),
-        "healthz_n": len(ms),
-        "healthz_p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "healthz_p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "healthz": _summary(during),
+        "healthz_baseline": _summary(base),
+        # CPU seconds each process spent in the window: over (window x cores) means queueing
+        "junk_nice": nice,
+        "signed": signed,
+        "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _summary(ms: np.ndarray) -> dict:
+    if not len(ms):
+        return {"n": 0}
+    return {
+        "n": len(ms),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "max_ms": round(float(ms.max()), 1),
     }
 
 
@@ -273,13 +342,21 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     cpus = len(os.sched_getaffinity(0))
     models = args.models or build_models(tmp, args)
     inputs, source = load_inputs(args)
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    # the default byte limit (64 MiB): the full-resolution JPEGs are a few MB each
+    # serve() starts the local Ray, with the upload guard in its HTTP proxy; the default byte
+    # limit (64 MiB): the full-resolution JPEGs are a few MB each
     started = serve(ServeConfig(models=models, port=_free_port(), tta=args.tta, max_pixels=10**9))
     try:
         if args.junk_only:
             return {
-                "junk": junk_load(started.url, args.junk_clients, args.junk_mib, DEFAULT_MAX_BYTES)
+                "junk": junk_load(
+                    started.url,
+                    args.junk_clients,
+                    args.junk_mib,
+                    DEFAULT_MAX_BYTES,
+                    args.junk_seconds,
+                    args.junk_nice,
+                    args.junk_signed,
+                )
             }
         ensemble = load_ensemble(Store(models), None)
         torch.set_num_threads(started.cpus_per_replica)  # the replica's thread count
@@ -296,7 +373,15 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         }
         single_ms = list(server_ms)
         loads["http_n"] = run_load(remote, inputs, args.clients, args.requests)
-        junk = junk_load(started.url, args.junk_clients, args.junk_mib, DEFAULT_MAX_BYTES)
+        junk = junk_load(
+            started.url,
+            args.junk_clients,
+            args.junk_mib,
+            DEFAULT_MAX_BYTES,
+            args.junk_seconds,
+            args.junk_nice,
+            args.junk_signed,
+        )
     finally:
         stop()
         ray.shutdown()
@@ -333,14 +418,26 @@ def print_report(rep: dict) -> None:
     if "loads" in rep:
         print_speed(rep)
     j = rep["junk"]
+    h, b = j["healthz"], j["healthz_baseline"]
     print(
-        f"junk: {j['clients']} clients x {j['mib']} MiB at once (statuses {j['statuses']}, "
-        f"{j['seconds']:.1f}s): proxy RSS {j['proxy_rss_before_mb']:.0f} MB + "
-        f"{j['proxy_rss_growth_mb']:.0f} MB (bar < 200); /healthz p50 {j['healthz_p50_ms']:.1f} "
-        f"ms, p99 {j['healthz_p99_ms']:.1f} ms over {j['healthz_n']} checks (bar p99 < 100; "
-        f"before the junk: p50 {j['healthz_baseline_p50_ms']:.1f}, p99 "
-        f"{j['healthz_baseline_p99_ms']:.1f} ms)"
+        f"junk{' (JPEG signature first)' if j['signed'] else ''}: {j['clients']} clients x "
+        f"{j['mib']} MiB back to back for {j['seconds']:.1f}s "
+        f"({j['uploads']} uploads, statuses {j['statuses']}): proxy RSS "
+        f"{j['proxy_rss_before_mb']:.0f} MB + {j['proxy_rss_growth_mb']:.0f} MB (bar < 200)"
     )
+    print(
+        f"CPU seconds in the {j['seconds']:.1f}s window: {j['cpu_s']} (junk clients at nice "
+        f"{j['junk_nice']}); load average "
+        f"{j['load_average']} on {os.cpu_count()} cpus"
+    )
+    if not j["uploads"]:
+        print("no junk upload finished in the window: these /healthz figures do not measure it")
+    for label, x in (("during the junk", h), ("before (baseline)", b)):
+        print(
+            f"/healthz {label}: n {x['n']}, p50 {x.get('p50_ms', 0):.1f} ms, p99 "
+            f"{x.get('p99_ms', 0):.1f} ms, max {x.get('max_ms', 0):.1f} ms"
+            + (" (bar p99 < 100)" if x is h else "")
+        )
 
 
 def print_speed(rep: dict) -> None:
@@ -388,6 +485,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-size", type=int, nargs=2, default=(768, 1024), metavar=("H", "W"))
     p.add_argument("--junk-clients", type=int, default=4, help="clients sending junk at once")
     p.add_argument("--junk-mib", type=int, default=64, help="MiB of junk per client")
+    p.add_argument(
+        "--junk-seconds", type=float, default=10.0, help="how long the junk keeps coming"
+    )
+    p.add_argument(
+        "--junk-nice",
+        type=int,
+        default=0,
+        help="niceness of the junk clients' threads: on a machine of few cores they compete "
+        "with the server for CPU, which clients elsewhere would not",
+    )
+    p.add_argument(
+        "--junk-signed", action="store_true", help="junk that starts with a JPEG signature"
+    )
     p.add_argument("--junk-only", action="store_true", help="only the junk case")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON line")
     args = p.parse_args(argv)

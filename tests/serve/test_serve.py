@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -54,10 +55,10 @@ def server(models) -> Iterator[tuple[httpx.Client, object]]:
     from ray import serve as ray_serve
 
     from segflow.serve.deployment import serve, stop
+    from segflow.serve.proxy import proxy_env
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    started = not ray.is_initialized()  # serve() starts a local Ray, the proxy guard in it
+    saved = {k: os.environ.get(k) for k in proxy_env(MAX_BYTES)}
     cfg = ServeConfig(
         models=models, port=_free_port(), max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES, tta="flips"
     )
@@ -70,6 +71,11 @@ def server(models) -> Iterator[tuple[httpx.Client, object]]:
         assert not ray_serve.status().applications
         if started:
             ray.shutdown()
+        for k, v in saved.items():  # the guard's environment is for that Ray only
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _image(k: int = 3, h: int = 45, w: int = 61) -> bytes:
@@ -271,6 +277,8 @@ def test_bodies_over_the_byte_limit_are_refused_before_they_are_read(server):
     jpeg = {"Content-Type": "image/jpeg"}
     declared = client.post("/v1/segment", content=b"\xff" * (MAX_BYTES + 1), headers=jpeg)
     assert "1,000,000" in _error(declared, 413, "too_large")["message"]
+    # answered by the guard in Serve's proxy: no replica round trip, no body queued there
+    assert declared.headers.get("x-refused-by") == "proxy"
 
     sent = 0
 
@@ -284,10 +292,12 @@ def test_bodies_over_the_byte_limit_are_refused_before_they_are_read(server):
     streamed = client.post("/v1/segment", content=chunks(b"\xff\xd8\xff\xe0" * 4), headers=jpeg)
     _error(streamed, 413, "too_large")
     # junk that does not start like an image is refused on its first bytes
-    junk = _error(
-        client.post("/v1/segment", content=chunks(b"junk" * 4), headers=jpeg), 400, "unreadable"
-    )
-    assert "6a 75 6e 6b" in junk["message"]
+    refused = client.post("/v1/segment", content=chunks(b"junk" * 4), headers=jpeg)
+    assert "6a 75 6e 6b" in _error(refused, 400, "unreadable")["message"]
+    assert refused.headers.get("x-refused-by") == "proxy"
+    text = client.post("/v1/segment", content=b"x", headers={"Content-Type": "text/plain"})
+    _error(text, 415, "unsupported_media_type")
+    assert text.headers.get("x-refused-by") == "proxy"
     assert client.get("/healthz").status_code == 200
 
 
@@ -382,6 +392,41 @@ def test_a_versioned_models_url_serves_its_record(models, tmp_path):
     pinned = resolve(ServeConfig(models=str(root), version="r1"))
     with pytest.raises(VersionMismatch):  # pinned: 'latest' may have moved on
         Service(ServeConfig(models=str(root), version="r1"), pinned).check_version("latest")
+
+
+def test_a_request_may_name_the_version_by_the_alias_the_server_resolved(models, tmp_path):
+    import shutil
+
+    from segflow.serve.service import Service, VersionMismatch, resolve
+    from segflow.versions import move_production, write_version
+
+    root = tmp_path / "models"
+    for n, created in (("r1", "2026-01-01"), ("r2", "2026-01-02")):
+        shutil.copytree(models, root / "runs" / n)
+        write_version(str(root), {"version": n, "run": f"runs/{n}", "created_at": created})
+    for n in ("r1", "r2"):
+        move_production(str(root), n, "promote", "test", actor="test")
+
+    def service(version: str | None) -> Service:
+        cfg = ServeConfig(models=str(root), version=version)
+        return Service(cfg, resolve(cfg))
+
+    default = service(None)  # production: r2
+    assert default.version == "r2"
+    for ok in (None, "r2", "production"):
+        default.check_version(ok)
+    for refused in ("previous", "latest", "r1"):  # latest: not the name it resolved
+        with pytest.raises(VersionMismatch, match=f"{refused!r} is not served"):
+            default.check_version(refused)
+    previous = service("previous")
+    assert previous.version == "r1"
+    for ok in ("previous", "r1"):
+        previous.check_version(ok)
+    with pytest.raises(VersionMismatch):
+        previous.check_version("production")
+    service("production").check_version("production")
+    with pytest.raises(VersionMismatch):  # pinned by id: no alias follows it
+        service("r2").check_version("production")
 
 
 def test_replicas_that_cannot_be_placed_fail_locally_and_warn_on_a_cluster(caplog):

@@ -27,45 +27,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segflow import __version__
 from segflow.imaging import Rejected
 from segflow.predict.single import SingleResult, masked_crop_png
+from segflow.serve.limits import (
+    SEND_IMAGE,
+    SNIFF_BYTES,
+    HTTPError,
+    check_signature,
+    declared_too_large,
+    media_kind,
+    too_large,
+    unsupported_media,
+)
 from segflow.serve.service import Service, VersionMismatch
+
+__all__ = ["HTTPError", "create_app", "parse_multipart", "read_image"]
 
 log = logging.getLogger("segflow.serve")
 VERSION_HEADER = "X-Model-Version"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
-_SEND_IMAGE = "send a JPEG, PNG, TIFF or BMP"
-#: the first bytes of the formats the server decodes (segflow.imaging.IMAGE_SUFFIXES; WebP's
-#: RIFF....WEBP is checked apart)
-_SIGNATURES = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",
-    b"II*\x00",  # TIFF, little- and big-endian, and BigTIFF
-    b"MM\x00*",
-    b"II+\x00",
-    b"MM\x00+",
-    b"BM",
-    b"GIF87a",
-    b"GIF89a",
-)
-_SNIFF_BYTES = 12
 #: a multipart body holds one file; a few more parts (form fields) are tolerated
 MAX_PARTS = 16
-
-
-class HTTPError(Exception):
-    """A request the server refuses: ``status``, a short ``reason`` and a ``message`` that says
-    what was received and what to send instead."""
-
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.extra = status, reason, message, extra
-        self.headers = headers
 
 
 # -- response bodies (also the OpenAPI schema) --------------------------------------------------
@@ -191,7 +171,7 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
         raise HTTPError(
             400,
             "unreadable",
-            f"the image cannot be decoded ({type(e).__name__}); {_SEND_IMAGE}",
+            f"the image cannot be decoded ({type(e).__name__}); {SEND_IMAGE}",
         ) from None
     result = service.segment(prepared)
     png = result.mask_png()
@@ -206,7 +186,7 @@ def _segment(service: Service, data: bytes, name: str, fmt: str, crop: str, t0: 
 
 def _refused_image(r: Rejected, max_pixels: int) -> HTTPError:
     if r.reason != "too_large":
-        return HTTPError(400, r.reason, f"{r.detail}; {_SEND_IMAGE}")
+        return HTTPError(400, r.reason, f"{r.detail}; {SEND_IMAGE}")
     # the decoder's own message may quote another limit (Pillow's bomb guard): quote ours
     if f"{max_pixels:,}" in r.detail:
         detail = r.detail
@@ -257,15 +237,9 @@ def _png_headers(service: Service, result: SingleResult, ms: float) -> dict[str,
 async def read_image(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The image bytes of a request and a file name for them (it picks the decoder)."""
     ctype = request.headers.get("content-type", "")
-    kind = ctype.split(";", 1)[0].strip().lower()
-    if not (kind.startswith("image/") or kind == "multipart/form-data"):
-        raise HTTPError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type {ctype or '(none)'!r} is not accepted; send the raw image with "
-            "Content-Type: image/<type> (curl --data-binary @x.jpg -H 'Content-Type: "
-            "image/jpeg') or a multipart/form-data upload with a file field (curl -F file=@x.jpg)",
-        )
+    kind = media_kind(ctype)
+    if refused := unsupported_media(ctype):
+        raise refused
     body = await _read_body(request, max_bytes, sniff=kind != "multipart/form-data")
     if kind == "multipart/form-data":
         # off the event loop: a body of many tiny parts must not stall other requests
@@ -288,43 +262,21 @@ async def _read_body(request: Request, max_bytes: int, sniff: bool = False) -> b
     counted, and a 413 says ``Connection: close``: the proxy stops reading the rest of the
     body instead of draining it for a next request. With ``sniff``, a body whose first bytes
     are no image signature is refused (400) as soon as they arrive."""
-    too_big = HTTPError(
-        413,
-        "too_large",
-        f"the request body is over the limit of {max_bytes:,} bytes; send a smaller image or "
-        "start the server with a larger max_bytes",
-        headers={"Connection": "close"},
-    )
-    declared = request.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_big
+    if refused := declared_too_large(request.headers.get("content-length"), max_bytes):
+        raise refused
     chunks, size, sniffed = [], 0, not sniff
     async for chunk in request.stream():  # counted as it arrives: a wrong length is no bypass
         size += len(chunk)
         if size > max_bytes:
-            raise too_big
+            raise too_large(max_bytes)
         chunks.append(chunk)
-        if not sniffed and size >= _SNIFF_BYTES:
-            _check_signature(b"".join(chunks)[:_SNIFF_BYTES])
+        if not sniffed and size >= SNIFF_BYTES:
+            check_signature(b"".join(chunks)[:SNIFF_BYTES])
             sniffed = True
     body = b"".join(chunks)
     if not sniffed and body:
-        _check_signature(body)
+        check_signature(body)
     return body
-
-
-def _check_signature(head: bytes) -> None:
-    """Refuse a raw body that does not start like an image the server decodes, before the
-    rest of it is read: junk costs the server its first bytes, not its whole length."""
-    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return
-    raise HTTPError(
-        400,
-        "unreadable",
-        f"the body does not start like a JPEG, PNG, TIFF, BMP, GIF or WebP image (first bytes "
-        f"{head[:8].hex(' ')}); {_SEND_IMAGE}",
-        headers={"Connection": "close"},
-    )
 
 
 def _decoder_name(name: str, data: bytes) -> str:
@@ -422,7 +374,7 @@ def _param(header_value: str, name: str) -> str | None:
 def error_response(
     status: int, reason: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    body = {"error": reason, "message": message, "status": status, **extra}
+    body = HTTPError(status, reason, message, **extra).body()
     return JSONResponse(body, status_code=status, headers=headers)
 
 

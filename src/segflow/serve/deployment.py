@@ -69,6 +69,13 @@ def serve(cfg: ServeConfig) -> ServeResult:
     local = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     if local and not ray.is_initialized():
         _check_port_free(cfg.host, cfg.port)
+        _install_proxy_guard(cfg.max_bytes)
+    elif not local:
+        log.info(
+            "on a Ray cluster the upload guard runs in Serve's proxy only if `ray start` had "
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=segflow.serve.proxy.middlewares in its "
+            "environment; the replicas refuse oversized and junk uploads either way"
+        )
     resources = connect_ray(cfg.ray_address)
     gpus = gpus_per_task(cfg.gpus_per_replica, resources)
     cpus = cfg.cpus_per_replica or max(1, int(resources.get("CPU", 1)) // cfg.replicas)
@@ -131,6 +138,18 @@ def serve_forever(cfg: ServeConfig, ready=None) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop()
+
+
+def _install_proxy_guard(max_bytes: int) -> None:
+    """Uploads refused in Serve's proxy (segflow.serve.proxy): the proxy is a process of the
+    Ray this process is about to start, and reads its callback from the environment it
+    inherits. A callback someone set already is left alone."""
+    from segflow.serve.proxy import CALLBACK_ENV, proxy_env
+
+    if os.environ.get(CALLBACK_ENV):
+        log.warning("%s is set already: the upload guard is not installed", CALLBACK_ENV)
+        return
+    os.environ.update(proxy_env(max_bytes))
 
 
 def _check_resources(

@@ -18,7 +18,15 @@ from segflow.predict.ensemble import Ensemble, load_ensemble
 from segflow.predict.single import Prepared, SingleResult, finish, predict_one, prepare
 from segflow.serve.config import ServeConfig
 from segflow.storage import StorageOptions, Store
-from segflow.versions import LATEST, ModelVersion, list_versions, resolve_version
+from segflow.versions import (
+    LATEST,
+    PREVIOUS,
+    PRODUCTION,
+    ModelVersion,
+    list_versions,
+    read_aliases,
+    resolve_version,
+)
 
 
 class VersionMismatch(SegflowError):
@@ -36,7 +44,9 @@ class Resolved:
     version: ModelVersion
     threshold: float
     postprocess: str
-    follows_latest: bool  # started without --version (or with 'latest')
+    # the names that selected it at start (latest, production, previous): a request may name
+    # the version by them too; empty when the server was started with an id
+    selectors: tuple[str, ...]
     info: dict[str, Any] = field(default_factory=dict)  # the body of GET /v1/model
 
 
@@ -59,7 +69,22 @@ def resolve(cfg: ServeConfig) -> Resolved:
         "postprocess": method,
         "metrics": record.get("scores") or _run_metrics(version.models, cfg.storage),
     }
-    return Resolved(version, threshold, method, cfg.version in (None, LATEST), _finite(info))
+    selectors = _selectors(cfg.models, cfg.version, version.id, cfg.storage)
+    return Resolved(version, threshold, method, selectors, _finite(info))
+
+
+def _selectors(
+    models: str, requested: str | None, served: str, storage: StorageOptions
+) -> tuple[str, ...]:
+    """The name ``resolve_version`` went through: the one asked for, or, without one,
+    ``production`` when it named the served version and ``latest`` otherwise. A server does
+    not follow later moves of its name (every replica serves one version): a request naming
+    it after a promotion or a rollback is refused, and the 404 names the served version."""
+    if requested in (LATEST, PRODUCTION, PREVIOUS):
+        return (requested,)
+    if requested is not None:
+        return ()
+    return (PRODUCTION,) if read_aliases(models, storage).get(PRODUCTION) == served else (LATEST,)
 
 
 def _choice(version: ModelVersion, storage: StorageOptions) -> tuple[float, str]:
@@ -127,7 +152,7 @@ class Service:
         """Raise :class:`VersionMismatch` unless ``requested`` is the served version."""
         if requested in (None, "", self.version):
             return
-        if requested == LATEST and self.resolved.follows_latest:
+        if requested in self.resolved.selectors:
             return
         known = list_versions(self.cfg.models, self.cfg.storage) or [self.version]
         # the message goes to any client: it names versions, never where the models are kept
