@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -89,6 +90,9 @@ def write_split(models: Path, all_ids: list[str], val: list[str]) -> None:
 # -- training -------------------------------------------------------------------------------------
 def make_cfg(args: argparse.Namespace, dataset: str, models: Path, **kw: Any):
     from segflow.train import TrainConfig
+
+    if getattr(args, "init_lr_scale", None) is not None and "init_from" in kw:
+        kw["init_lr_scale"] = args.init_lr_scale
 
     return TrainConfig(
         dataset=dataset,
@@ -189,7 +193,7 @@ def train_until(cfg, max_epochs: int, target: float | None, deadline: float) -> 
 # -- main -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from segflow.storage import Store
-    from segflow.train.loop import set_threads
+    from segflow.train.loop import initial_lr, set_threads
 
     set_threads(args.threads)
     data = Path(args.data)
@@ -225,9 +229,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     for name, kw in (("v2_warm", {"init_from": str(v1)}), ("v2_cold", {})):
         models = work / name
-        write_split(models, ids, val)
         cfg = make_cfg(args, ds2, models, **kw)
+        if name == "v2_warm":
+            warm_lr = initial_lr(cfg)
+        # a rerun reuses a finished arm trained with the same settings (e.g. the cold arm
+        # when only the warm start's learning rate changed)
+        key = {"cfg": cfg.model_dump(mode="json"), "target": target, "max": args.max_epochs}
+        saved = work / f"{name}.json"
+        if saved.exists() and json.loads(saved.read_text()).get("key") == key:
+            runs[name] = json.loads(saved.read_text())["result"]
+            log.info("%s: reused %s", name, saved)
+            continue
+        if models.exists():
+            shutil.rmtree(models)
+        write_split(models, ids, val)
         runs[name] = train_until(cfg, args.max_epochs, target, deadline)
+        if runs[name]["capped"] is None or runs[name]["epochs_to_target"]:
+            saved.write_text(json.dumps({"key": key, "result": runs[name]}))
 
     warm, cold = runs["v2_warm"]["epochs_to_target"], runs["v2_cold"]["epochs_to_target"]
     ratio = warm / cold if warm and cold else None
@@ -239,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encoder_weights": args.encoder_weights,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "warm_lr": warm_lr,
         "n_v1_images": len(first),
         "n_v2_images": len(ids),
         "n_val": len(val),
@@ -279,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--init-lr-scale",
+        type=float,
+        default=None,
+        help="warm arm's lr multiplier (default: train's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--deadline", default=None, help="local HH:MM: stop the cold run before it")

@@ -53,6 +53,13 @@ class TrainConfig(StageConfig):
         "none", min_length=1, description="production | <version id> | run-folder URL | none"
     )
     init_models: str | None = Field(None, description="models URL whose versions/ it names")
+    init_lr_scale: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="learning-rate multiplier for a warm start (init_from): at the cold rate "
+        "the first epoch undoes much of the trained network (docs/results.md)",
+    )
     # runtime
     executor: Literal["ray", "inline"] = Field(
         "ray", description="ray | inline (inline: folds in-process)"

@@ -197,7 +197,7 @@ def setup_run(cfg: TrainConfig, fold: int, dataset: Dataset) -> Run:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = _amp_dtype(cfg.amp, device)
     optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        model.parameters(), lr=initial_lr(cfg), weight_decay=cfg.weight_decay
     )
     return Run(
         cfg=cfg,
@@ -214,6 +214,12 @@ def setup_run(cfg: TrainConfig, fold: int, dataset: Dataset) -> Run:
         amp_dtype=amp_dtype,
         augment=AugmentConfig(**cfg.augment),
     )
+
+
+def initial_lr(cfg: TrainConfig) -> float:
+    """The optimiser's starting rate: a warm start fine-tunes at ``init_lr_scale`` x ``lr``,
+    because the cold rate's first steps throw away much of what the trained network knew."""
+    return cfg.lr * (cfg.init_lr_scale if cfg.init_from != "none" else 1.0)
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
