@@ -272,3 +272,32 @@ def test_a_benchmark_is_frozen_by_content_hash(location):
     ingest(icfg)
     with pytest.raises(BenchmarkError, match="changed: its content hash was"):
         prepare_benchmark(gate, models, train, location.storage)
+
+
+def test_bootstrap_is_chunked_with_the_same_result(monkeypatch):
+    """The resamples are drawn in bounded chunks: the same interval as one (n, N) draw for the
+    same seed, and memory that does not grow with bootstrap x N."""
+    import tracemalloc
+
+    import numpy as np
+
+    import segflow.gate as gate_mod
+
+    diff = np.random.default_rng(5).normal(0.01, 0.1, size=37)  # an odd N: odd chunk sizes
+    rng = np.random.default_rng(3)
+    means = diff[rng.integers(0, diff.size, size=(1001, diff.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    one_draw = (round(float(lo), 6), round(float(hi), 6))
+    monkeypatch.setattr(gate_mod, "_BOOTSTRAP_CHUNK", 37 * 7, raising=False)  # 7 resamples a chunk
+    assert bootstrap_ci(diff, n=1001, seed=3) == one_draw
+    monkeypatch.undo()
+    assert bootstrap_ci(diff, n=1001, seed=3) == one_draw
+
+    big = np.random.default_rng(6).normal(0.0, 0.1, size=200_000)
+    tracemalloc.start()
+    try:
+        bootstrap_ci(big, n=200, seed=0)  # one draw: 200 x 200,000 x 8 B = 320 MB of indices
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"

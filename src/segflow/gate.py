@@ -47,6 +47,7 @@ log = logging.getLogger("segflow.gate")
 BENCHMARKS = "benchmarks/frozen.json"
 PROMOTED, NOT_PROMOTED, NOT_GATED = "promoted", "not promoted", "not gated"
 _MEANS = ("dice", "jaccard", "thresholded_jaccard")
+_BOOTSTRAP_CHUNK = 1 << 20  # resampled indices held at once (8 MiB, and as much for values)
 
 
 class GateConfig(BaseModel):
@@ -258,7 +259,13 @@ def bootstrap_ci(
     if diff.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(axis=1)
+    # resamples in chunks of about _BOOTSTRAP_CHUNK indices: memory stays bounded for a large
+    # benchmark, and drawing the same stream row by row gives the same means as one big draw
+    rows = max(1, _BOOTSTRAP_CHUNK // diff.size)
+    means = np.empty(n, dtype=np.float64)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        means[start : start + k] = diff[rng.integers(0, diff.size, size=(k, diff.size))].mean(1)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return round(float(lo), 6), round(float(hi), 6)
