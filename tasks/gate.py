@@ -39,7 +39,7 @@ from segflow.pipeline.manifests import (
 )
 from segflow.storage import StorageOptions, Store, sha256_json
 from segflow.tasks.common import IO_RETRIES, stage_task
-from segflow.versions import PREVIOUS, PRODUCTION, read_aliases
+from segflow.versions import PREVIOUS, PRODUCTION, read_aliases, record_hash
 
 
 def _bench_key(
@@ -240,8 +240,7 @@ def _record_hash(models_url: str, aliases: dict[str, Any], storage: StorageOptio
     vid = aliases.get(PRODUCTION)
     if not vid:
         return None
-    record = Store(models_url, storage).read_json(f"versions/{vid}.json")
-    return sha256_json({k: v for k, v in record.items() if k not in ("gate", "created_at")})
+    return record_hash(Store(models_url, storage).read_json(f"versions/{vid}.json"))
 
 
 def _gate_hash(gate: GateConfig) -> str:

@@ -405,7 +405,9 @@ def apply_gate(
     record: dict[str, Any],
     storage: StorageOptions | None = None,
 ) -> AppliedGate:
-    """Write the ``gate`` section into the version record and, when the decision is to
+    """Write the ``gate`` section into the version record (not when the challenger already is
+    production: that version keeps the section of the evaluation that promoted it) and, when
+    the decision is to
     promote, move production (one history event, compare-and-swap on ``record["champion"]``).
     A promotion is turned down, and the record says why, when a person took the challenger
     out of production (a rollback, or a manual promotion of another version): a retrain that
@@ -436,7 +438,10 @@ def apply_gate(
             else:
                 now = read_aliases(models_url, storage).get(PRODUCTION)
                 _refuse(record, f"production moved to {now} during evaluation")
-    update_record(models_url, challenger_id, storage, gate=record)
+    if record.get("champion") != challenger_id:
+        update_record(models_url, challenger_id, storage, gate=record)
+    # else: the production version evaluated again (a rerun, a retrain that rebuilt the same
+    # version): not a challenger evaluation. Its gate section stays the one that promoted it
     if aliases is None:
         aliases = read_aliases(models_url, storage)
     log.info("gate: %s %s: %s", challenger_id, record["decision"], record["reason"])
