@@ -27,10 +27,11 @@ from segflow.gate import (
     Benchmark,
     GateConfig,
     apply_gate,
+    benchmark_listing,
     evaluate_gate,
     prepare_benchmark,
 )
-from segflow.pipeline.keys import listing_hash, task_key
+from segflow.pipeline.keys import task_key
 from segflow.pipeline.manifests import (
     BenchmarkManifest,
     DatasetManifest,
@@ -45,7 +46,8 @@ from segflow.versions import PREVIOUS, PRODUCTION, read_aliases, record_hash
 def _bench_key(
     gate: GateConfig, models_url: str, dataset: DatasetManifest, storage: StorageOptions
 ) -> str:
-    listing = listing_hash(Store(str(gate.benchmark), storage))
+    # images and truth: a fixed truth mask re-checks the benchmark (and is refused as changed)
+    listing = benchmark_listing(gate, storage)
     return task_key("gate", dataset.hash, _gate_hash(gate), listing, models_url)
 
 
