@@ -153,7 +153,7 @@ def write_version(
     if "gate" not in record and root.exists(rel):
         gate = root.read_json(rel).get("gate")
         record = {**record, "gate": gate} if gate is not None else record
-    url = root.write_json(f"{VERSIONS}/{record['version']}.json", record)
+    url = root.write_json(rel, record)
     root.write_json(f"{VERSIONS}/{LATEST}.json", record)
     return url
 
