@@ -27,10 +27,11 @@ from segflow.gate import (
     Benchmark,
     GateConfig,
     apply_gate,
+    benchmark_listing,
     evaluate_gate,
     prepare_benchmark,
 )
-from segflow.pipeline.keys import listing_hash, task_key
+from segflow.pipeline.keys import task_key
 from segflow.pipeline.manifests import (
     BenchmarkManifest,
     DatasetManifest,
@@ -39,13 +40,14 @@ from segflow.pipeline.manifests import (
 )
 from segflow.storage import StorageOptions, Store, sha256_json
 from segflow.tasks.common import IO_RETRIES, stage_task
-from segflow.versions import PREVIOUS, PRODUCTION, read_aliases
+from segflow.versions import PREVIOUS, PRODUCTION, read_aliases, record_hash
 
 
 def _bench_key(
     gate: GateConfig, models_url: str, dataset: DatasetManifest, storage: StorageOptions
 ) -> str:
-    listing = listing_hash(Store(str(gate.benchmark), storage))
+    # images and truth: a fixed truth mask re-checks the benchmark (and is refused as changed)
+    listing = benchmark_listing(gate, storage)
     return task_key("gate", dataset.hash, _gate_hash(gate), listing, models_url)
 
 
@@ -240,8 +242,7 @@ def _record_hash(models_url: str, aliases: dict[str, Any], storage: StorageOptio
     vid = aliases.get(PRODUCTION)
     if not vid:
         return None
-    record = Store(models_url, storage).read_json(f"versions/{vid}.json")
-    return sha256_json({k: v for k, v in record.items() if k not in ("gate", "created_at")})
+    return record_hash(Store(models_url, storage).read_json(f"versions/{vid}.json"))
 
 
 def _gate_hash(gate: GateConfig) -> str:

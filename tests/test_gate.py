@@ -26,7 +26,8 @@ from segflow.storage import StorageOptions, Store
 from segflow.train.warmstart import WarmStartError, init_hash, pin_init
 from segflow.versions import PRODUCTION, move_production, read_aliases, read_history
 from tests.conftest import Location, make_bucket
-from tests.lifecycle.helpers import ingest_lesions, train_version, write_lesions
+from tests.lifecycle.helpers import ingest_lesions, lesion_pair, train_version, write_lesions
+from tests.makers import png_bytes
 
 TRAIN, BENCH = list(range(32)), list(range(200, 216))
 # the module's models are trained once per location; on a shared 2-core machine that alone can
@@ -226,6 +227,34 @@ def test_warm_start_pins_hashes_and_checks_the_architecture(world):
         fit_fold(cfg, 0)
 
 
+def test_train_cli_init_from_flag(world, tmp_path: Path, caplog):
+    """`segflow train --init-from production --init-models URL` warm-starts from the
+    production version (pinned to its id in train_config.json); a bad value is a clear error."""
+    import yaml
+
+    from segflow.cli import app
+
+    st = world["loc"].storage
+    _set_production(world, "good")
+    ep = ["--endpoint-url", st.endpoint_url] if st.endpoint_url else []
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({"encoder_depth": 3, "decoder_channels": [32, 16, 8]}))
+    run = world["loc"].url("cli-warm")
+    args = ["train", "--config", str(tiny), "--dataset", world["good"], "--models", run]
+    args += ["--encoder", "resnet18", "--size", "32", "32", "--epochs", "1", "--fold-ids", "0"]
+    args += ["--batch-size", "8", "--executor", "inline", "--json", *ep]
+    runner = CliRunner()
+    with caplog.at_level(logging.INFO, logger="segflow.train"):
+        res = runner.invoke(
+            app, [*args, "--init-from", "production", "--init-models", world["models"]]
+        )
+    assert res.exit_code == 0, res.output
+    assert "fold 0: warm start from good fold 0" in caplog.text
+    assert Store(run, st).read_json("train_config.json")["init_from"] == "good"
+    res = runner.invoke(app, [*args, "--overwrite", "--init-from", "no-such-version"])
+    assert res.exit_code != 0 and "init_from 'no-such-version'" in str(res.exception or "")
+
+
 def test_decision_rule_and_bootstrap():
     gate = GateConfig(benchmark="x", margin=0.02, min_score=0.3)
     assert decide(gate, 0.70, 0.71, "v1")[0]  # within the margin
@@ -270,5 +299,122 @@ def test_a_benchmark_is_frozen_by_content_hash(location):
     assert first.n_images == 3 and prepare_benchmark(gate, models, train, location.storage) == first
     write_lesions(raw, [303])  # someone adds an image to the yardstick
     ingest(icfg)
-    with pytest.raises(BenchmarkError, match="changed: its content hash was"):
+    with pytest.raises(BenchmarkError, match=r"changed since it was frozen on .*: its content"):
         prepare_benchmark(gate, models, train, location.storage)
+
+
+def test_a_raw_benchmark_is_frozen_by_images_and_truth(location):
+    """Raw images with their truth in another folder: a changed image, or only a fixed truth
+    mask, is a changed benchmark, refused (not silently frozen anew under a new derived URL);
+    the check-benchmark cache key moves with the truth's listing too."""
+    from segflow.tasks.gate import _bench_key
+
+    train = ingest_lesions(location, "train", [0, 1, 2, 3])
+    images, truth = location.store("bench-img"), location.store("bench-truth")
+    write_lesions(images, [300, 301, 302])
+    for f in images.list(pattern="*_segmentation.png"):  # the truth lives in its own folder
+        truth.write_bytes(f.rel, images.read_bytes(f.rel))
+        images.delete(f.rel)
+    gate = GateConfig(benchmark=images.url, truth=truth.url)
+    models = location.url("models")
+    first = prepare_benchmark(gate, models, train, location.storage)
+    assert first.n_images == 3 and prepare_benchmark(gate, models, train, location.storage) == first
+
+    class _DS:  # the task key needs only the training dataset's hash
+        hash = "d"
+
+    key = _bench_key(gate, models, _DS(), location.storage)
+    _, mask = lesion_pair(999)  # someone "fixes" one truth mask: same images, other truth
+    truth.write_bytes("ISIC_0000301_segmentation.png", png_bytes(mask))
+    assert _bench_key(gate, models, _DS(), location.storage) != key
+    with pytest.raises(BenchmarkError, match=r"with truth .* changed since it was frozen") as err:
+        prepare_benchmark(gate, models, train, location.storage)
+    assert first.content_hash[:12] in str(err.value) and "new URL" in str(err.value)
+    truth.write_bytes("ISIC_0000301_segmentation.png", png_bytes(lesion_pair(301)[1]))
+    assert prepare_benchmark(gate, models, train, location.storage).content_hash == (
+        first.content_hash
+    )  # restored: the frozen content again
+    write_lesions(images, [303])  # an image added, its mask in the truth folder
+    truth.write_bytes(
+        "ISIC_0000303_segmentation.png", images.read_bytes("ISIC_0000303_segmentation.png")
+    )
+    images.delete("ISIC_0000303_segmentation.png")
+    with pytest.raises(BenchmarkError, match="changed since it was frozen"):
+        prepare_benchmark(gate, models, train, location.storage)
+
+
+def test_concurrent_first_freezes_agree(location):
+    """Two runs freeze the same benchmark source at once with different contents: one object
+    per source, created exclusively (never a shared file rewritten): exactly one wins, the
+    other is refused, and two other sources frozen at the same moment are both kept."""
+    import threading
+
+    from segflow.gate import Benchmark, freeze
+
+    models = location.url("models")
+    source = {"benchmark": "s3://b/bench", "truth": None}
+    outcomes: dict[str, object] = {}
+    barrier = threading.Barrier(4)
+
+    def run(name: str, content: str, src: dict) -> None:
+        barrier.wait()
+        try:
+            outcomes[name] = freeze(
+                Benchmark(f"u-{name}", content, 3), src, models, location.storage
+            )
+        except BenchmarkError as e:
+            outcomes[name] = e
+
+    threads = [
+        threading.Thread(target=run, args=("a", "a" * 64, source)),
+        threading.Thread(target=run, args=("b", "b" * 64, source)),
+        threading.Thread(target=run, args=("c", "c" * 64, {"benchmark": "other"})),
+        threading.Thread(target=run, args=("d", "d" * 64, {"benchmark": "third"})),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [n for n in "ab" if isinstance(outcomes[n], dict)]
+    assert len(won) == 1, outcomes
+    lost = "b" if won == ["a"] else "a"
+    assert isinstance(outcomes[lost], BenchmarkError)
+    assert outcomes[won[0]]["content_hash"] == won[0] * 64
+    for n in "cd":  # each other source was frozen, and stays frozen
+        assert outcomes[n]["content_hash"] == n * 64
+        with pytest.raises(BenchmarkError):
+            freeze(
+                Benchmark("x", "e" * 64, 3),
+                {"benchmark": {"c": "other", "d": "third"}[n]},
+                models,
+                location.storage,
+            )
+
+
+def test_bootstrap_is_chunked_with_the_same_result(monkeypatch):
+    """The resamples are drawn in bounded chunks: the same interval as one (n, N) draw for the
+    same seed, and memory that does not grow with bootstrap x N."""
+    import tracemalloc
+
+    import numpy as np
+
+    import segflow.gate as gate_mod
+
+    diff = np.random.default_rng(5).normal(0.01, 0.1, size=37)  # an odd N: odd chunk sizes
+    rng = np.random.default_rng(3)
+    means = diff[rng.integers(0, diff.size, size=(1001, diff.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    one_draw = (round(float(lo), 6), round(float(hi), 6))
+    monkeypatch.setattr(gate_mod, "_BOOTSTRAP_CHUNK", 37 * 7, raising=False)  # 7 resamples a chunk
+    assert bootstrap_ci(diff, n=1001, seed=3) == one_draw
+    monkeypatch.undo()
+    assert bootstrap_ci(diff, n=1001, seed=3) == one_draw
+
+    big = np.random.default_rng(6).normal(0.0, 0.1, size=200_000)
+    tracemalloc.start()
+    try:
+        bootstrap_ci(big, n=200, seed=0)  # one draw: 200 x 200,000 x 8 B = 320 MB of indices
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"

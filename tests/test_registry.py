@@ -260,3 +260,35 @@ def test_gate_cache_key_changes_when_aliases_moved(models):
     rollback(url, "v2 misbehaves", storage=st)
     assert read_aliases(url, st)[PRODUCTION] == "v1"
     assert key() != before
+
+
+def test_regating_production_keeps_its_gate_section_and_segment_key(models):
+    """v2 is promoted by the gate; a rerun evaluates v2 again (now the champion itself): its
+    version record keeps the gate section that promoted it, so the segment stage's version
+    hash and cache key do not move (gating never changes what a version predicts). A rewrite
+    of the record (the same run key trained again) keeps the section too."""
+    from segflow.gate import apply_gate
+    from segflow.pipeline.stages import resolve, resolve_key
+
+    url, st = models.url, models.options
+    promote(url, "v1", "first", storage=st)
+    ungated = resolve(url, "v2", st).hash
+    apply_gate(url, "v2", _gate_record("v1"), st)
+    assert read_aliases(url, st)[PRODUCTION] == "v2"
+    section = models.read_json("versions/v2.json")["gate"]
+    before = (resolve(url, None, st).hash, resolve_key(url, None, st))
+    assert before[0] == ungated  # the gate section is history, not identity
+    again = {
+        "promote": False,
+        "decision": "not promoted",
+        "reason": "v2 is already production",
+        "champion": "v2",
+    }
+    applied = apply_gate(url, "v2", again, st)
+    assert applied.record["reason"] == "v2 is already production"  # what this run reports
+    assert models.read_json("versions/v2.json")["gate"] == section  # what the record keeps
+    assert (resolve(url, None, st).hash, resolve_key(url, None, st)) == before
+    record = {k: v for k, v in models.read_json("versions/v2.json").items() if k != "gate"}
+    write_version(url, record, st)  # record_version rewriting the same version id
+    assert models.read_json("versions/v2.json")["gate"] == section
+    assert resolve(url, None, st).hash == before[0]

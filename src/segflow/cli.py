@@ -18,7 +18,7 @@ import typer
 from segflow import __version__
 from segflow.cli_options import config_options
 from segflow.crops import CropsConfig
-from segflow.errors import SegflowError
+from segflow.errors import ConfigError, SegflowError
 from segflow.ingest.config import IngestConfig
 from segflow.pairing import IMAGE_PATTERN_HELP, MASK_TEMPLATE_HELP, PAIRS_HELP
 from segflow.predict.config import PredictConfig
@@ -132,12 +132,25 @@ def ingest(
         raise typer.Exit(1)
 
 
+def fold_list(text: str, flag: str) -> list[int]:
+    """``"0,3"`` -> ``[0, 3]``; anything else is a ConfigError naming what was received."""
+    parts = [x.strip() for x in text.split(",")]
+    bad = [x for x in parts if not x.isdigit()]
+    if bad or not text.strip():
+        what = f"{bad[0]!r} is not a fold number" if bad and text.strip() else "it is empty"
+        raise ConfigError(
+            f"{flag} {text!r}: {what}. Give fold numbers separated by commas, e.g. "
+            f"{flag} 0,3 (each from 0 to folds-1; leave the flag out for every fold)"
+        )
+    return [int(x) for x in parts]
+
+
 @app.command()
 @config_options(
     TrainConfig,
     "dataset models folds fold_ids arch encoder encoder_weights size epochs "
-    "batch_size loss lr seed executor ray_address gpus_per_fold cpus_per_fold "
-    "overwrite",
+    "batch_size loss lr seed init_from init_models executor ray_address gpus_per_fold "
+    "cpus_per_fold overwrite",
     flag_types={"fold_ids": str},  # --fold-ids 0,3
 )
 def train(
@@ -147,8 +160,8 @@ def train(
     from segflow.train import train as run_train
 
     _setup_logging(as_json)
-    if opts["fold_ids"]:
-        opts["fold_ids"] = [int(x) for x in opts["fold_ids"].split(",") if x.strip()]
+    if opts["fold_ids"] is not None:
+        opts["fold_ids"] = fold_list(opts["fold_ids"], "--fold-ids")
     cfg = TrainConfig.load(config, **opts, storage=_storage(endpoint_url))
     result = run_train(cfg)
     lines = [f"models: {result.models} ({result.seconds:.0f}s)"]

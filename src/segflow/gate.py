@@ -3,8 +3,10 @@ than the current one on a frozen benchmark.
 
 * The benchmark (``gate.benchmark``) is an ingested dataset, or raw images plus truth masks
   that are ingested once into ``<models>/benchmarks/<hash>.zarr`` with the training dataset's
-  geometry. It is versioned by its content hash and frozen: ``benchmarks/frozen.json``
-  remembers the hash of every benchmark URL, and a URL whose content changed is refused.
+  geometry. It is versioned by its content hash (images and truth) and frozen: the first
+  content seen under a benchmark source (its URL; for raw images also the truth URL, layout
+  and geometry) is recorded under ``benchmarks/frozen/``, and a source whose content changed
+  is refused (:func:`freeze`).
 * Training refuses a benchmark that shares images with the training dataset, compared by the
   hash of the decoded pixels (and of the source bytes), never by file name.
 * Challenger and champion are scored on the benchmark with the same settings (the config's
@@ -20,8 +22,12 @@ Maths and decisions are plain functions; the flow's gate task (tasks/gate.py) ca
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -44,9 +50,11 @@ from segflow.versions import (
 )
 
 log = logging.getLogger("segflow.gate")
-BENCHMARKS = "benchmarks/frozen.json"
+FROZEN = "benchmarks/frozen"  # one object per benchmark source, created once
+LEGACY = "benchmarks/frozen.json"  # written by earlier versions: read, never written
 PROMOTED, NOT_PROMOTED, NOT_GATED = "promoted", "not promoted", "not gated"
 _MEANS = ("dice", "jaccard", "thresholded_jaccard")
+_BOOTSTRAP_CHUNK = 1 << 20  # resampled indices held at once (8 MiB, and as much for values)
 
 
 class GateConfig(BaseModel):
@@ -95,7 +103,7 @@ def prepare_benchmark(
     """The benchmark as an ingested dataset, checked, frozen, and disjoint from training."""
     if not gate.benchmark:
         raise ConfigError("config.gate.benchmark is not set; the gate needs a benchmark URL")
-    url = _as_dataset(gate, models_url, train_dataset, storage)
+    url, source = _as_dataset(gate, models_url, train_dataset, storage)
     ds = Dataset(Store(url, storage))
     if "masks" not in ds.group or not ds.column("has_mask").all():
         missing = int((~ds.column("has_mask")).sum()) if "has_mask" in ds.group else ds.n
@@ -104,25 +112,34 @@ def prepare_benchmark(
             "image needs one (give gate.truth for raw images whose masks live elsewhere)"
         )
     bench = Benchmark(url, str(ds.attrs["content_hash"]), ds.n)
-    _freeze(bench, models_url, storage)
+    freeze(bench, source, models_url, storage)
     check_overlap(bench.url, train_dataset, models_url, storage)
     return bench
 
 
-def _as_dataset(
-    gate: GateConfig, models_url: str, train_dataset: str, storage: StorageOptions | None
-) -> str:
-    store = Store(str(gate.benchmark), storage)
-    if store.exists("zarr.json"):  # already an ingested dataset
-        return store.url
-    from segflow.ingest import IngestConfig, ingest
+def benchmark_listing(gate: GateConfig, storage: StorageOptions | None = None) -> list[str]:
+    """What the benchmark is made of now: the listing (names and fingerprints) of its images
+    and of its truth masks (``gate.truth``; beside the images by default, then in the first)."""
     from segflow.pipeline.keys import listing_hash
 
+    listing = [listing_hash(Store(str(gate.benchmark), storage))]
+    return listing + ([listing_hash(Store(gate.truth, storage))] if gate.truth else [])
+
+
+def _as_dataset(
+    gate: GateConfig, models_url: str, train_dataset: str, storage: StorageOptions | None
+) -> tuple[str, dict[str, Any]]:
+    """The ingested benchmark's URL, and the source it is frozen under: the URL itself for an
+    ingested dataset; for raw images, their URL, the truth's, the layout and the geometry (a
+    raw benchmark ingested at another size is another benchmark)."""
+    store = Store(str(gate.benchmark), storage)
+    if store.exists("zarr.json"):  # already an ingested dataset
+        return store.url, {"benchmark": store.url}
+    from segflow.ingest import IngestConfig, ingest
+
     train = Dataset(Store(train_dataset, storage))
-    listing = [listing_hash(store)] + (
-        [listing_hash(Store(gate.truth, storage))] if gate.truth else []
-    )
-    key = sha256_json([listing, gate.layout, list(train.size), train.resize])[:16]
+    geometry = [list(train.size), train.resize]
+    key = sha256_json([benchmark_listing(gate, storage), gate.layout, *geometry])[:16]
     url = Store(models_url, storage).uri(f"benchmarks/{key}.zarr")
     cfg = IngestConfig(
         layout=gate.layout,
@@ -137,23 +154,87 @@ def _as_dataset(
     res = ingest(cfg)
     if res.n_images == 0:
         raise BenchmarkError(f"benchmark {gate.benchmark}: no usable image with a mask found")
-    return url
+    truth = Store(gate.truth, storage).url if gate.truth else None
+    return url, {
+        "benchmark": store.url,
+        "truth": truth,
+        "layout": gate.layout,
+        "size": geometry[0],
+        "resize": geometry[1],
+    }
 
 
-def _freeze(bench: Benchmark, models_url: str, storage: StorageOptions | None) -> None:
-    """A benchmark URL keeps its content: a changed yardstick makes every score incomparable."""
+def freeze(
+    bench: Benchmark,
+    source: dict[str, Any],
+    models_url: str,
+    storage: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """A benchmark keeps its content: the first content seen for ``source`` is frozen, and a
+    different content later (an image added, a truth mask fixed) is refused, loudly, because a
+    moved yardstick makes the gate sections of earlier versions incomparable.
+
+    One object per benchmark source, ``benchmarks/frozen/<source key>.json``, created once and
+    exclusively (never a shared file read, modified and rewritten): of two runs freezing at
+    once, exactly one creates it and both compare against what it holds. Returns that record."""
     root = Store(models_url, storage)
-    known = root.read_json(BENCHMARKS) if root.exists(BENCHMARKS) else {}
-    was = known.get(bench.url, {}).get("content_hash")
-    if was and was != bench.content_hash:
+    rel = f"{FROZEN}/{sha256_json(source)[:16]}.json"
+    if not root.exists(rel):
+        legacy = root.read_json(LEGACY) if root.exists(LEGACY) else {}
+        was = legacy.get(bench.url) or {}  # frozen.json of earlier versions, keyed by URL
+        record = {
+            "source": source,
+            "url": bench.url,
+            "content_hash": was.get("content_hash") or bench.content_hash,
+            "n_images": was.get("n_images") or bench.n_images,
+            "frozen_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if _create_once(root, rel, record):
+            log.info(
+                "benchmark %s frozen: content %s, %d images (%s)",
+                source["benchmark"],
+                record["content_hash"][:12],
+                record["n_images"],
+                root.uri(rel),
+            )
+    frozen = root.read_json(rel)
+    if frozen["content_hash"] != bench.content_hash:
+        truth = f" with truth {source['truth']}" if source.get("truth") else ""
         raise BenchmarkError(
-            f"benchmark {bench.url} changed: its content hash was {was[:12]}, now "
-            f"{bench.content_hash[:12]}. A benchmark is frozen; put the new one at a new URL "
-            f"(and set gate.benchmark to it), or remove its entry from {root.uri(BENCHMARKS)} "
-            "deliberately"
+            f"benchmark {source['benchmark']}{truth} changed since it was frozen on "
+            f"{frozen['frozen_at']}: its content hash was {frozen['content_hash'][:12]} "
+            f"({frozen['n_images']} images), now {bench.content_hash[:12]} ({bench.n_images} "
+            "images). A benchmark is a fixed yardstick: scores on other content are not "
+            "comparable with the gate sections already recorded. Put the new benchmark at a new "
+            f"URL and set gate.benchmark to it, or delete {root.uri(rel)} deliberately to "
+            "freeze the new content under this URL"
         )
-    if not was:
-        root.write_json(BENCHMARKS, {**known, bench.url: bench.to_dict()})
+    return frozen
+
+
+def _create_once(root: Store, rel: str, obj: Any) -> bool:
+    """Write ``rel`` only when nothing is there (True), atomically and exclusively: locally a
+    hard link of a finished temporary file, on S3 a conditional PUT (If-None-Match)."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    target = root.path(rel)
+    try:
+        if root.is_local:
+            folder = os.path.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)  # fails when the target exists, never replaces it
+            finally:
+                os.unlink(tmp)
+        else:
+            root.fs.pipe_file(target, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def pixel_hashes(url: str, storage: StorageOptions | None = None) -> dict[str, str]:
@@ -258,7 +339,13 @@ def bootstrap_ci(
     if diff.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(axis=1)
+    # resamples in chunks of about _BOOTSTRAP_CHUNK indices: memory stays bounded for a large
+    # benchmark, and drawing the same stream row by row gives the same means as one big draw
+    rows = max(1, _BOOTSTRAP_CHUNK // diff.size)
+    means = np.empty(n, dtype=np.float64)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        means[start : start + k] = diff[rng.integers(0, diff.size, size=(k, diff.size))].mean(1)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return round(float(lo), 6), round(float(hi), 6)
@@ -398,7 +485,9 @@ def apply_gate(
     record: dict[str, Any],
     storage: StorageOptions | None = None,
 ) -> AppliedGate:
-    """Write the ``gate`` section into the version record and, when the decision is to
+    """Write the ``gate`` section into the version record (not when the challenger already is
+    production: that version keeps the section of the evaluation that promoted it) and, when
+    the decision is to
     promote, move production (one history event, compare-and-swap on ``record["champion"]``).
     A promotion is turned down, and the record says why, when a person took the challenger
     out of production (a rollback, or a manual promotion of another version): a retrain that
@@ -429,7 +518,10 @@ def apply_gate(
             else:
                 now = read_aliases(models_url, storage).get(PRODUCTION)
                 _refuse(record, f"production moved to {now} during evaluation")
-    update_record(models_url, challenger_id, storage, gate=record)
+    if record.get("champion") != challenger_id:
+        update_record(models_url, challenger_id, storage, gate=record)
+    # else: the production version evaluated again (a rerun, a retrain that rebuilt the same
+    # version): not a challenger evaluation. Its gate section stays the one that promoted it
     if aliases is None:
         aliases = read_aliases(models_url, storage)
     log.info("gate: %s %s: %s", challenger_id, record["decision"], record["reason"])

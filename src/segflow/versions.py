@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from segflow.errors import SegflowError
-from segflow.storage import StorageOptions, Store
+from segflow.storage import StorageOptions, Store, sha256_json
 
 log = logging.getLogger("segflow.versions")
 
@@ -130,12 +130,30 @@ def resolve_version(
     return _from_record(root, root.read_json(rel))
 
 
+#: record sections that describe what happened to a version, not what it is: the model, its
+#: threshold and post-processing are the same before and after it was gated
+_HISTORY_SECTIONS = ("created_at", "gate")
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """The identity of a version for caching (segment keys, the gate's champion key): its
+    record without its creation time and its ``gate`` section, so gating a version, or
+    re-evaluating the production version, never invalidates what was segmented with it."""
+    return sha256_json({k: v for k, v in record.items() if k not in _HISTORY_SECTIONS})
+
+
 def write_version(
     models_url: str, record: dict[str, Any], storage: StorageOptions | None = None
 ) -> str:
-    """Write ``versions/<id>.json``, then point ``latest.json`` at it; returns the record URL."""
+    """Write ``versions/<id>.json``, then point ``latest.json`` at it; returns the record URL.
+    A rewrite of an existing version (the same run key trained again) keeps its ``gate``
+    section: it was written once, when that version was the challenger."""
     root = Store(models_url, storage)
-    url = root.write_json(f"{VERSIONS}/{record['version']}.json", record)
+    rel = f"{VERSIONS}/{record['version']}.json"
+    if "gate" not in record and root.exists(rel):
+        gate = root.read_json(rel).get("gate")
+        record = {**record, "gate": gate} if gate is not None else record
+    url = root.write_json(rel, record)
     root.write_json(f"{VERSIONS}/{LATEST}.json", record)
     return url
 

@@ -92,3 +92,38 @@ def test_benchmark_overlapping_training_is_refused_before_training(runs):
     with pytest.raises(BenchmarkError, match="shares 24 image"):
         train_flow(f"{runs.base}/raw-good", "isic", runs.models, leaky)
     assert not kinds(new_states(before), "train-fold")
+
+
+def test_pipeline_skips_segment_when_the_first_version_is_refused(s3_endpoint, prefect_api):
+    """gate.min_score 1.0 refuses any first version: no production exists, so pipeline_flow
+    trains and gates, then skips segmentation (result ``segment: None`` and why) instead of
+    segmenting with the refused version; no segment task runs and nothing is written to out."""
+    from segflow.flows.pipeline import pipeline_flow
+
+    base = f"s3://{make_bucket(s3_endpoint)}/skip"
+    storage = StorageOptions(endpoint_url=s3_endpoint)
+    write_lesions(Store(f"{base}/raw", storage), list(range(8)))
+    write_lesions(Store(f"{base}/bench", storage), list(range(300, 304)))
+    write_lesions(Store(f"{base}/new", storage), list(range(400, 402)))
+    config = tiny_config(
+        {"endpoint_url": s3_endpoint},
+        train={"epochs": 1, "fold_ids": [0], "size": [32, 32], "executor": "inline"},
+        predict={"tta": "none"},
+        gate={"benchmark": f"{base}/bench", "bootstrap": 100, "min_score": 1.0},
+    )
+    before = task_runs()
+    result = pipeline_flow(
+        f"{base}/raw", "isic", f"{base}/models", f"{base}/new", f"{base}/out", config
+    )
+    promotion = result["train"]["promotion"]
+    assert promotion["decision"] == "not promoted" and promotion["production"] is None
+    assert "gate.min_score 1.0000" in promotion["reason"]
+    assert result["segment"] is None
+    assert "no production model" in result["skipped"]
+    assert result["train"]["version"] in result["skipped"]
+    states = new_states(before)
+    assert kinds(states, "evaluate-gate") == {"evaluate-gate": "Completed"}
+    segment_tasks = ("resolve-model-version", "plan-shards", "predict-shard")
+    assert not [n for n in states if n.startswith(segment_tasks)], states
+    assert not Store(f"{base}/out", storage).exists()
+    assert read_aliases(f"{base}/models", storage).get(PRODUCTION) is None

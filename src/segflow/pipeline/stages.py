@@ -51,7 +51,7 @@ from segflow.train import TrainConfig
 from segflow.train.oof import oof_scores
 from segflow.train.run import prepare_run, run_fold
 from segflow.train.warmstart import init_hash, pin_init
-from segflow.versions import resolve_version, write_version
+from segflow.versions import record_hash, resolve_version, write_version
 
 _LOCATIONS = frozenset({"dataset", "models"})
 M = TypeVar("M", bound=Manifest)
@@ -190,9 +190,8 @@ def record_version(
         "code_version": code_version("train"),
     }
     url = write_version(models_url, record, cfg.storage)
-    stable = {k: v for k, v in record.items() if k != "created_at"}
     return VersionManifest(
-        version=vid, url=url, run=plan.run, record=record, hash=sha256_json(stable)
+        version=vid, url=url, run=plan.run, record=record, hash=record_hash(record)
     )
 
 
@@ -234,8 +233,7 @@ def resolve_key(models_url: str, version: str | None, storage: StorageOptions) -
 
 def resolve(models_url: str, version: str | None, storage: StorageOptions) -> ResolvedVersion:
     v = resolve_version(models_url, version, storage)
-    stable = {k: val for k, val in v.record.items() if k != "created_at"}
-    return ResolvedVersion(id=v.id, models=v.models, record=v.record, hash=sha256_json(stable))
+    return ResolvedVersion(id=v.id, models=v.models, record=v.record, hash=record_hash(v.record))
 
 
 def plan_key(cfg: PredictConfig, version: ResolvedVersion) -> str:

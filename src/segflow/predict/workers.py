@@ -3,13 +3,14 @@
 Each shard is one Ray task asking for ``gpus_per_worker`` GPUs (and the CPUs that go with
 them). The task keeps its worker process (``max_calls=0``) and that process keeps the loaded
 ensemble (:func:`_cached_ensemble`), so consecutive shards on a worker load the folds once, as
-a long-lived actor would; Ray's scheduler runs as many shards at once as the GPUs allow.
+a long-lived actor would, and again only when the folds' weights change; Ray's scheduler runs
+as many shards at once as the GPUs allow.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from segflow.cluster import connect_ray, cpu_count, gpus_per_task
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
 from segflow.predict.shard import ShardContext, run_shard, shard_marker
-from segflow.storage import StorageOptions, Store
+from segflow.storage import StorageOptions, Store, sha256_json
 
 log = logging.getLogger("segflow.predict")
 
@@ -42,12 +43,55 @@ def worker_resources(cfg: PredictConfig, cluster: dict[str, float]) -> WorkerRes
     return WorkerResources(n, gpus, max(1, int(cluster.get("CPU", 1)) // n))
 
 
-@functools.lru_cache(maxsize=2)
+#: loaded ensembles of this process: (models, storage, folds) -> (weights fingerprint, ensemble)
+_LOADED: dict[tuple[str, StorageOptions, tuple[int, ...] | None], tuple[str, Ensemble]] = {}
+_KEEP = 2  # ensembles held at once (a worker alternating between two model versions)
+_FOLD_FILES = ("fold.complete.json", "best.pt", "config.json")
+
+
+def weights_fingerprint(models: Store, folds: tuple[int, ...] | None) -> str:
+    """What a load of ``folds`` (None: every finished fold) would read, as stored now: each
+    fold's done-marker, model config and best checkpoint (ETag or mtime, and size). A retrain
+    into the same URL (``segflow train --overwrite``) rewrites them, so the fingerprint moves."""
+    if not models.exists():
+        return ""  # nothing to load: load_ensemble says so
+    if folds is None:
+        names = models.fs.ls(models.path(), detail=False, refresh=True)  # not a cached listing
+        folds = tuple(
+            sorted(
+                int(n.rsplit("-", 1)[1])
+                for n in (posixpath.basename(str(x).rstrip("/")) for x in names)
+                if n.startswith("fold-") and n.removeprefix("fold-").isdigit()
+            )
+        )
+    seen = []
+    for k in folds:
+        for f in models.list(f"fold-{k}"):
+            if posixpath.basename(f.rel) in _FOLD_FILES:
+                seen.append((f.rel, f.fingerprint))
+    return sha256_json(seen)
+
+
 def _cached_ensemble(
     models: str, storage: StorageOptions, folds: tuple[int, ...] | None
 ) -> Ensemble:
-    """Loaded once per process: consecutive shards on a worker skip the load."""
-    return load_ensemble(Store(models, storage), list(folds) if folds is not None else None)
+    """Loaded once per process and kept while its folds' weights are unchanged: consecutive
+    shards on a worker skip the load, and a retrain into the same URL is picked up by the
+    next shard instead of serving the stale model for the worker's lifetime."""
+    store = Store(models, storage)
+    key = (store.url, storage, folds)
+    fingerprint = weights_fingerprint(store, folds)
+    held = _LOADED.pop(key, None)
+    if held is not None and held[0] == fingerprint:
+        _LOADED[key] = held  # most recently used last
+        return held[1]
+    if held is not None:
+        log.info("predict: the weights at %s changed since they were loaded; reloading", store.url)
+    ensemble = load_ensemble(store, list(folds) if folds is not None else None)
+    _LOADED[key] = (fingerprint, ensemble)
+    while len(_LOADED) > _KEEP:
+        _LOADED.pop(next(iter(_LOADED)))
+    return ensemble
 
 
 def ensemble_for(cfg: PredictConfig) -> Ensemble:

@@ -50,7 +50,14 @@ def is_url(value: str) -> bool:
 def pin_init(cfg: TrainConfig, models_url: str | None = None) -> TrainConfig:
     """``cfg`` with ``init_from`` resolved to a version id (or left a URL / ``none``) and
     ``init_models`` set (default ``models_url``). ``production`` with nothing promoted yet is
-    a cold start: the first version of a scheduled retrain has nothing to start from."""
+    a cold start: the first version of a scheduled retrain has nothing to start from. A source
+    that cannot be read (an unknown id, no finished fold) stops here, before any fold starts."""
+    pinned = _pin(cfg, models_url)
+    init_source(pinned)
+    return pinned
+
+
+def _pin(cfg: TrainConfig, models_url: str | None = None) -> TrainConfig:
     update: dict[str, str] = {}
     registry = cfg.init_models or models_url
     if registry and not cfg.init_models:
@@ -67,7 +74,7 @@ def pin_init(cfg: TrainConfig, models_url: str | None = None) -> TrainConfig:
 
 def init_source(cfg: TrainConfig) -> InitSource | None:
     """The run folder of ``cfg.init_from`` (pinned or not), or None for a cold start."""
-    value = pin_init(cfg).init_from
+    value = _pin(cfg).init_from
     if value == NONE:
         return None
     if is_url(value):
@@ -151,6 +158,6 @@ def _describe(fields: dict) -> str:
 def _needs_registry(value: str) -> str:
     return (
         f"train.init_from {value!r} names a version, but no models URL says where versions "
-        "live: set train.init_models (train_flow sets it to its models_url), or give a run "
-        "folder URL"
+        "live: set train.init_models (`segflow train --init-models URL`; train_flow sets it to "
+        "its models_url), or give a run folder URL"
     )
