@@ -10,7 +10,10 @@ chosen plan, and the wall time. Target: thresholded Jaccard >= 0.80 at full reso
 within the budget (25 minutes).
 
     python benchmarks/quality.py [--data ../shared/data/isic2017/train] [--work DIR]
-        [--time-budget 25m] [--folds 5] [--fold 0] [--json]
+        [--time-budget 25m] [--folds 5] [--fold 0] [--limit N] [--json]
+
+``--limit N`` ingests only the first N images (a smoke run on a loaded machine; its scores
+are not the benchmark's).
 """
 
 from __future__ import annotations
@@ -29,21 +32,34 @@ METRICS = ("dice", "jaccard", "thresholded_jaccard")
 log = logging.getLogger("quality")
 
 
-def ingest_isic(data: Path, work: Path) -> str:
-    """The ISIC folder ingested at 256x256 into ``work/isic.zarr`` (reused when present)."""
+def ingest_isic(data: Path, work: Path, limit: int | None = None) -> str:
+    """The ISIC folder (or its first ``limit`` images, as symlinks) ingested at 256x256 into
+    ``work/isic[-<limit>].zarr``, reused when present."""
     from segflow.ingest import IngestConfig, ingest
 
-    url = str(work / "isic.zarr")
-    if (work / "isic.zarr").exists():
+    name = f"isic-{limit}" if limit else "isic"
+    url = str(work / f"{name}.zarr")
+    if (work / f"{name}.zarr").exists():
         return url
+    images, masks = data / "images", data / "masks"
+    if limit:
+        images, masks = work / f"{name}-src" / "images", work / f"{name}-src" / "masks"
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
+        for jpg in sorted((data / "images").glob("*.jpg"))[:limit]:
+            png = f"{jpg.stem}_segmentation.png"
+            for link, target in ((images / jpg.name, jpg), (masks / png, data / "masks" / png)):
+                if not link.exists():
+                    link.symlink_to(target)
     t0 = time.perf_counter()
     result = ingest(
         IngestConfig(
             layout="isic",
-            source=str(data / "images"),
-            masks=str(data / "masks"),
+            source=str(images),
+            masks=str(masks),
             dataset=url,
             size=(256, 256),
+            allow_external_links=bool(limit),  # the subset is symlinks into --data, on purpose
         )
     )
     log.info("ingested %d images in %.0fs", result.n_images, time.perf_counter() - t0)
@@ -55,8 +71,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    dataset = ingest_isic(Path(args.data), work)
-    models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}"
+    dataset = ingest_isic(Path(args.data), work, args.limit)
+    subset = f"-n{args.limit}" if args.limit else ""
+    models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}{subset}"
     cfg = TrainConfig(
         dataset=dataset,
         models=str(models),
@@ -79,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full = scores.get("original") or {}
     return {
         "data": str(args.data),
+        "limit": args.limit,
         "time_budget": args.time_budget,
         "folds": args.folds,
         "fold": args.fold,
@@ -106,7 +124,8 @@ def report(r: dict[str, Any]) -> str:
     p, full, frame = r["plan"], r["original_resolution"], r["training_resolution"]
     return "\n".join(
         [
-            f"quality: --time-budget {r['time_budget']}, fold {r['fold']} of {r['folds']}",
+            f"quality: --time-budget {r['time_budget']}, fold {r['fold']} of {r['folds']}"
+            + (f", first {r['limit']} images only" if r["limit"] else ""),
             f"  plan: {p['encoder']} ({r['encoder_weights']}) at {p['size'][0]}x{p['size'][1]}, "
             f"batch {p['batch_size']}, up to {p['epochs']} epochs (~{p['epoch_s']:.0f}s each); "
             f"planning {r['planning_s']:.0f}s",
@@ -130,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget", default="25m")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke run)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

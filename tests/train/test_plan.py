@@ -178,3 +178,13 @@ def test_fold_reports_original_and_training_resolution(local):
     scores = Store(models, local.storage).read_json("fold-0/scores.json")
     assert scores["original"]["dice"] == fold.dice
     assert scores["training"] == fold.training_scores
+
+
+def test_training_report_shows_the_plan():
+    from segflow.pipeline.report import plan_lines
+
+    plan = {**_plan(25 * 60).to_dict(), "fingerprint": FP.to_dict()}
+    text = "\n".join(plan_lines(plan))
+    assert "plan for 25 min: timm-tf_efficientnet_lite0 at" in text
+    assert "2000 labelled images, median original 2000x3000" in text
+    assert "step times" in text and plan_lines(None) == []
