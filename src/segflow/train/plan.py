@@ -414,7 +414,9 @@ def plan_run(
     frame = tuple(cfg.size) if cfg.size else fp.frame_size
     cands = candidates(frame, encoders, cfg.batch_size)
     folds = len(cfg.fold_ids) if cfg.fold_ids is not None else cfg.folds
-    devices, slowdown = _devices(cfg, folds)
+    devices, slowdown, gpus = _devices(cfg, folds)
+    if timer is None:
+        timer = RayStepTimer(cfg, gpus) if gpus else TorchStepTimer(cfg)
     finish = _round2(seconds_per_image(dataset, cfg.storage))
     n_val = math.ceil(fp.n_labelled / cfg.folds)
     work = Workload(
@@ -427,9 +429,7 @@ def plan_run(
         slowdown=slowdown,
         min_epochs=cfg.min_epochs,
     )
-    timings = measure(
-        cands, timer or TorchStepTimer(cfg), lambda t: fold_epochs(t, work)[0] >= cfg.min_epochs
-    )
+    timings = measure(cands, timer, lambda t: fold_epochs(t, work)[0] >= cfg.min_epochs)
     # what planning used, rounded up to SPENT_STEP: noise in it must not change the plan
     spent = math.ceil((time.time() - started) / SPENT_STEP) * SPENT_STEP
     plan = choose_plan(fp, timings, replace(work, spent_s=spent), encoders)
@@ -467,18 +467,39 @@ def plan_run(
     )
 
 
-def _devices(cfg: TrainConfig, folds: int) -> tuple[int, float]:
-    """(folds that train at once, step-time multiplier). Inline: one fold at a time. On Ray
-    with GPUs: one fold per GPU. On Ray without: every fold at once, sharing the cores, so
-    each step takes ``folds`` times as long as measured on all of them."""
-    import torch
-
+def _devices(cfg: TrainConfig, folds: int) -> tuple[int, float, float]:
+    """(folds that train at once, step-time multiplier, GPUs per fold on Ray). Inline: one
+    fold at a time. On Ray with GPUs: ``GPUs / gpus_per_fold`` folds at once. On Ray without:
+    every fold at once, sharing the cores, so each step takes ``folds`` times as long as
+    measured on all of them."""
     if cfg.executor == "inline":
-        return 1, 1.0
-    gpus = torch.cuda.device_count()
-    if gpus:
-        return gpus, 1.0
-    return folds, float(folds)
+        return 1, 1.0, 0.0
+    from segflow.cluster import connect_ray, gpus_per_task
+
+    resources = connect_ray(cfg.ray_address)
+    per_fold = gpus_per_task(cfg.gpus_per_fold, resources)
+    if per_fold > 0:
+        return max(1, math.floor(resources.get("GPU", 0) / per_fold)), 1.0, per_fold
+    return folds, float(folds), 0.0
+
+
+def _measure_remote(cfg: TrainConfig, candidate: Candidate) -> StepTime:
+    return TorchStepTimer(cfg).measure(candidate)
+
+
+@dataclass(frozen=True)
+class RayStepTimer:
+    """:class:`TorchStepTimer` in a Ray task holding a fold's GPUs: when the folds run on a
+    cluster's GPUs, the driver's own device (often none) is not where they train."""
+
+    cfg: TrainConfig
+    gpus: float
+
+    def measure(self, candidate: Candidate) -> StepTime:
+        import ray
+
+        task = ray.remote(_measure_remote).options(num_gpus=self.gpus, num_cpus=1)
+        return ray.get(task.remote(self.cfg, candidate))
 
 
 def recorded(cfg: TrainConfig, record: Mapping[str, Any] | None) -> TrainConfig:
