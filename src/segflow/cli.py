@@ -150,7 +150,7 @@ def fold_list(text: str, flag: str) -> list[int]:
     TrainConfig,
     "dataset models folds fold_ids arch encoder encoder_weights size epochs "
     "batch_size loss lr seed init_from init_models executor ray_address gpus_per_fold "
-    "cpus_per_fold overwrite",
+    "cpus_per_fold overwrite time_budget min_epochs",
     flag_types={"fold_ids": str},  # --fold-ids 0,3
 )
 def train(
@@ -171,7 +171,8 @@ def train(
         else:
             lines.append(
                 f"  fold {f.fold}: {f.status}, best epoch {f.best_epoch}, val Dice {f.dice:.4f}, "
-                f"Jaccard {f.jaccard:.4f}, thresholded Jaccard {f.thresholded_jaccard:.4f}"
+                f"Jaccard {f.jaccard:.4f}, thresholded Jaccard {f.thresholded_jaccard:.4f} "
+                f"(at the {f.resolution} resolution)"
             )
     _emit(result.to_dict(), as_json, "\n".join(lines))
     if not result.ok:

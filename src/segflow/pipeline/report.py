@@ -142,6 +142,7 @@ def training_markdown(
         f"`{choice['postprocess']}` (OOF thresholded Jaccard "
         f"{choice['oof_thresholded_jaccard']:.4f})",
         f"* record: `{version['url']}`",
+        *plan_lines(rec["config"].get("plan")),
         "",
         "## Training curves",
     ]
@@ -153,6 +154,24 @@ def training_markdown(
         lines += ["", "## Out-of-fold predictions (red: prediction, green: truth outline)"]
         lines.append(embed_png(overlays, "OOF overlays"))
     return "\n".join(lines)
+
+
+def plan_lines(plan: dict[str, Any] | None) -> list[str]:
+    """A ``--time-budget`` run's plan, fingerprint and measured step times (train/plan.py)."""
+    if not plan:
+        return []
+    fp = plan["fingerprint"]
+    return [
+        f"* plan for {plan['budget_s'] / 60:.0f} min: {plan['encoder']} at "
+        f"{plan['size'][0]}x{plan['size'][1]}, batch {plan['batch_size']}, up to "
+        f"{plan['epochs']} epochs (~{plan['epoch_s']:.0f} s each), {plan['rounds']} round(s)",
+        f"* fingerprint: {fp['n_labelled']} labelled images, median original "
+        f"{fp['median_orig_size'][0]}x{fp['median_orig_size'][1]} (aspect "
+        f"{fp['median_aspect']}), foreground {fp['foreground_fraction']:.1%}, compactness "
+        f"{fp['compactness']}",
+        "* step times (s/image, train / inference): "
+        + "; ".join(f"{k}: {v['train_s']} / {v['infer_s']}" for k, v in plan["step_times"].items()),
+    ]
 
 
 def run_description(kind: str, data: dict[str, Any], config: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ from segflow.storage import StorageOptions, Store, sha256_bytes, sha256_json, sh
 from segflow.train import TrainConfig
 from segflow.train.oof import oof_scores
 from segflow.train.run import prepare_run, run_fold
+from segflow.train.state import with_plan
 from segflow.train.warmstart import init_hash, pin_init
 from segflow.versions import record_hash, resolve_version, write_version
 
@@ -183,7 +184,7 @@ def record_version(
         "run": f"runs/{vid}",
         "created_at": created,
         "dataset": plan.dataset.model_dump(include={"url", "hash", "n_images"}),
-        "config": cfg.public_dict(),
+        "config": with_plan(cfg).public_dict(),  # a --time-budget run: with its plan
         "folds": [f.fold for f in folds],
         "scores": scores,
         "choice": choice.model_dump(exclude={"hash"}),

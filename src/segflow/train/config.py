@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from segflow.config import StageConfig
+from segflow.errors import ConfigError
 
 Loss = Literal["dice", "bce", "bce_dice", "focal", "jaccard"]
 LOSSES: tuple[str, ...] = ("dice", "bce", "bce_dice", "focal", "jaccard")
@@ -24,13 +25,20 @@ class TrainConfig(StageConfig):
     seed: int = Field(42, description="seed of split, init and augmentation")
     # model
     arch: str = Field("Unet", validate_default=True, description="smp architecture (Unet, FPN...)")
-    encoder: str = Field("resnet34", description="smp encoder (resnet34...)")
+    # Lite0 with its packaged ImageNet weights: the encoder that trains best per second on a
+    # CPU, and pretrained without a download (docs: README "Training defaults")
+    encoder: str = Field("timm-tf_efficientnet_lite0", description="smp encoder (resnet34...)")
     encoder_weights: str | None = Field(
-        None, description="state-dict file/URL, or a named source: efficientnet-lite0-imagenet"
+        "auto",
+        validate_default=True,
+        description="state-dict file/URL, a named source (efficientnet-lite0-imagenet), or "
+        "auto: the packaged weights of the encoder when there are some, else random",
     )
     encoder_depth: int = Field(5, ge=3, le=5)
     decoder_channels: list[int] | None = None
-    size: tuple[int, int] | None = Field(None, description="input H W (default: the dataset's)")
+    size: tuple[int, int] | None = Field(
+        None, description="input H W (default: from the dataset's fingerprint, train/plan.py)"
+    )
     # optimisation
     epochs: int = Field(30, ge=1, description="epochs")
     batch_size: int = Field(16, ge=1, description="batch size")
@@ -60,6 +68,15 @@ class TrainConfig(StageConfig):
         description="learning-rate multiplier for a warm start (init_from): at the cold rate "
         "the first epoch undoes much of the trained network (docs/results.md)",
     )
+    # planning to a deadline (segflow.train.plan)
+    time_budget: str | None = Field(
+        None,
+        description="train within this wall time (e.g. 30m, 2h, 900s): plans encoder, size, "
+        "batch and epochs to it and stops in time (default: fixed epochs, early stopping)",
+    )
+    min_epochs: int = Field(8, ge=1, description="with --time-budget: epochs a plan must fit")
+    plan: dict[str, Any] | None = None  # written by the planner: the plan and what it measured
+    deadline: float | None = None  # unix time by which the whole training must be done
     # runtime
     executor: Literal["ray", "inline"] = Field(
         "ray", description="ray | inline (inline: folds in-process)"
@@ -90,6 +107,7 @@ class TrainConfig(StageConfig):
             "prefetch",
             "cache_mb",
             "overwrite",
+            "deadline",
         }
     )
 
@@ -113,6 +131,30 @@ class TrainConfig(StageConfig):
             close = [n for n in names if v.split("-")[0].split("_")[0] in n][:8]
             raise ValueError(f"unknown encoder {v!r}; e.g. {close or names[:8]} (see smp docs)")
         return v
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _weights_auto(cls, v: str | None, info: Any) -> str | None:
+        if v != "auto":
+            return v
+        from segflow.train.weights import NAMED_SOURCES
+
+        # the packaged weights of this encoder; an encoder without any starts from random
+        encoder = info.data.get("encoder")
+        return next((name for name, enc in NAMED_SOURCES.items() if enc == encoder), None)
+
+    @field_validator("time_budget")
+    @classmethod
+    def _budget_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from segflow.train.budget import parse_budget
+
+        try:
+            parse_budget(v)
+        except ConfigError as e:  # pydantic reports ValueErrors with the field's name
+            raise ValueError(str(e)) from None
+        return v.strip()
 
     @field_validator("augment")
     @classmethod

@@ -28,6 +28,7 @@ from segflow.storage import Store
 from segflow.train.augment import AugmentConfig, augment_batch
 from segflow.train.config import TrainConfig
 from segflow.train.data import FoldData
+from segflow.train.fullres import RESOLUTION_FRAME, RESOLUTION_ORIGINAL, fold_scores
 from segflow.train.losses import make_loss
 from segflow.train.model import (
     ModelSpec,
@@ -37,9 +38,11 @@ from segflow.train.model import (
     save_spec,
     save_weights,
 )
+from segflow.train.model import amp_dtype as _amp_dtype
 from segflow.train.model import normalise as normalise_input
+from segflow.train.plan import SAFETY, deadline_lr, epochs_left
 from segflow.train.splits import fold_indices, load_or_create_splits
-from segflow.train.state import claim_fold, model_spec
+from segflow.train.state import claim_fold, model_spec, with_plan
 
 log = logging.getLogger("segflow.train")
 METRICS_COLUMNS = (
@@ -69,6 +72,11 @@ class FoldResult:
     start_epoch: int = 0
     epochs_run: int = 0
     error: str | None = None
+    # dice, jaccard, thresholded_jaccard above: at the original mask resolution ("original")
+    # when the dataset names its source masks, else at the training resolution ("training")
+    resolution: str = "training"
+    training_scores: dict[str, float] | None = None  # at the training resolution, always
+    stopped_by: str | None = None  # "deadline" when the time budget ended training early
     started_at: float = 0.0
     finished_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +129,7 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     started = time.time()
     out = Store(cfg.models, cfg.storage).child(f"fold-{fold}")
     dataset = Dataset(Store(cfg.dataset, cfg.storage))
+    cfg = with_plan(cfg)  # a --time-budget run trains the plan its driver recorded
     # before any write: a fold of another config must be neither skipped nor resumed
     claim_fold(cfg, out, model_spec(cfg, dataset))
     if (done := out.read_marker(DONE)) is not None:
@@ -132,19 +141,35 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     progress = start = _resume(run)
     log.info("fold %d: epochs %d..%d on %s", fold, start.epoch + 1, cfg.epochs, run.device)
 
+    clock = Deadline.of(cfg, started)
+    stopped_by = None
     for epoch in range(start.epoch, cfg.epochs):
+        if clock is not None:
+            total = clock.total_epochs(epoch, cfg.epochs)
+            if total <= epoch and progress.best_epoch is not None:
+                stopped_by = "deadline"  # the next whole epoch would not fit
+                log.info("fold %d: stopping after epoch %d: the deadline is near", fold, epoch)
+                break
+            set_lr(run, clock.lr(cfg, epoch, max(total, epoch + 1)))
         t0 = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         train_loss, ips = train_epoch(run, train_data, epoch)
         val = validate(run, val_data)
         stats = EpochStats(epoch + 1, lr, train_loss, val, ips, time.perf_counter() - t0)
         progress = on_epoch_end(run, progress, stats)
+        if clock is not None:  # with the checkpoints and curves: the whole epoch's wall time
+            clock.epoch_took(time.perf_counter() - t0)
         if cfg.early_stopping is not None and progress.bad_epochs >= cfg.early_stopping:
             break  # no improvement for `early_stopping` epochs
 
     # the best epoch's validation probabilities (not the last's): what the ensemble will be
     write_oof(run, val_data, dataset)
-    scores = {k: progress.best_metrics.get(k) for k in ("dice", "jaccard", "thresholded_jaccard")}
+    frame = {k: progress.best_metrics.get(k) for k in ("dice", "jaccard", "thresholded_jaccard")}
+    scores, resolution = frame, RESOLUTION_FRAME
+    if (full := original_scores(run, val_data, dataset)) is not None:
+        scores, resolution = {k: full[k] for k in frame}, RESOLUTION_ORIGINAL
+    record = {"best_epoch": progress.best_epoch, RESOLUTION_FRAME: frame, RESOLUTION_ORIGINAL: full}
+    out.write_json("scores.json", record)
     result = FoldResult(
         fold=fold,
         status="done",
@@ -152,6 +177,9 @@ def fit_fold(cfg: TrainConfig, fold: int) -> FoldResult:
         checkpoint=out.uri("best.pt"),
         start_epoch=start.epoch,
         epochs_run=progress.epoch - start.epoch,
+        resolution=resolution,
+        training_scores=frame,
+        stopped_by=stopped_by,
         started_at=started,
         finished_at=time.time(),
         **scores,
@@ -223,6 +251,8 @@ def initial_lr(cfg: TrainConfig) -> float:
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    if cfg.plan is not None:  # the rate is set per epoch, to the deadline (Deadline.lr)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, cfg.min_lr)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -234,12 +264,70 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     )
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or amp == "off":
-        return None  # CPU autocast is slower than fp32 for convolutions on most CPUs
-    if amp == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _constant(epoch: int) -> float:
+    return 1.0
+
+
+@dataclass
+class Deadline:
+    """When a fold of a ``--time-budget`` run must stop training, and its schedule: cosine
+    to the last whole epoch that fits before the deadline, after a short linear warm-up."""
+
+    end: float  # unix time: training and finishing done
+    finish_s: float  # kept for the OOF pass and the full-resolution scores
+    epoch_s: float  # the planner's estimate, replaced by measured epochs as they come
+    warmup: int
+    measured: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, started: float) -> Deadline | None:
+        if not cfg.plan:
+            return None
+        end = started + float(cfg.plan["fold_s"])
+        if cfg.deadline is not None:
+            end = min(end, float(cfg.deadline))
+        plan = cfg.plan
+        return cls(end, float(plan["finish_s"]), float(plan["epoch_s"]), plan["warmup_epochs"])
+
+    def epoch_took(self, seconds: float) -> None:
+        self.measured.append(seconds)
+
+    def total_epochs(self, epoch: int, planned: int) -> int:
+        """Epochs this fold will have run when it stops: ``epoch`` done plus what fits."""
+        # the slower of the last epoch and the mean: a machine that got busier shows first
+        per = max(self.measured[-1], float(np.mean(self.measured))) if self.measured else 0.0
+        per = per * SAFETY if per else self.epoch_s
+        return min(planned, epoch + epochs_left(time.time(), self.end, per, self.finish_s))
+
+    def lr(self, cfg: TrainConfig, epoch: int, total: int) -> float:
+        return deadline_lr(initial_lr(cfg), cfg.min_lr, epoch, total, self.warmup)
+
+
+def set_lr(run: Run, lr: float) -> None:
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def original_scores(run: Run, data: FoldData, dataset: Dataset) -> dict[str, Any] | None:
+    """The fold's scores at the original mask resolution (segflow.train.fullres), from the
+    OOF probabilities that :func:`write_oof` just wrote."""
+    import zarr
+
+    probs = zarr.open_array(
+        Store(run.cfg.models, run.cfg.storage).zarr_store(), path="oof.zarr/probs", mode="r"
+    )
+    t0 = time.perf_counter()
+    scores = fold_scores(dataset, data.rows.tolist(), probs, run.spec.threshold, run.cfg.storage)
+    if scores is not None:
+        scores["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info(
+            "fold %d at the original resolution: dice %.4f, thresholded Jaccard %.4f (%d images)",
+            run.fold,
+            scores["dice"],
+            scores["thresholded_jaccard"],
+            scores["n"],
+        )
+    return scores
 
 
 def _seed(*parts: int) -> int:

@@ -112,3 +112,12 @@ def load_model(store: Store, rel: str = "best.pt", device: str = "cpu") -> torch
     state = load_checkpoint(store, rel, device)
     model.load_state_dict(state.get("model", state))
     return model.to(device).eval()
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` (auto | bf16 | fp16 | off) on ``device``; None: fp32."""
+    if device.type != "cuda" or amp == "off":
+        return None  # CPU autocast is slower than fp32 for convolutions on most CPUs
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -16,8 +16,9 @@ from segflow.errors import ConfigError
 from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.loop import DONE, FoldResult, ensure_oof_array, fit_fold, set_threads
+from segflow.train.plan import parse_budget, plan_run
 from segflow.train.splits import SPLITS, load_or_create_splits
-from segflow.train.state import RECORD, check_models, claim_fold, model_spec
+from segflow.train.state import RECORD, check_models, claim_fold, model_spec, with_plan
 from segflow.train.warmstart import pin_init
 
 log = logging.getLogger("segflow.train")
@@ -42,6 +43,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     cfg = pin_init(cfg)  # every fold warm-starts from the same version, even if production moves
     fold_ids = prepare_run(cfg)
+    cfg = with_plan(cfg)  # the plan prepare_run recorded, if it made one
     if cfg.executor == "inline":
         results = [_guarded(cfg, f) for f in fold_ids]
     else:
@@ -57,11 +59,17 @@ def train(cfg: TrainConfig) -> TrainResult:
 def prepare_run(cfg: TrainConfig) -> list[int]:
     """Write what every fold shares (the split, the OOF array, the config) and return the
     folds to train. The driver does this once, before any fold starts: no fold races another."""
+    started = time.time()  # a --time-budget counts from here
     models = Store(cfg.models, cfg.storage)
     dataset = Dataset(Store(cfg.dataset, cfg.storage))
     if "masks" not in dataset.group or not dataset.column("has_mask").any():
         raise ConfigError(f"dataset {cfg.dataset} has no masks; training needs labelled images")
     fold_ids = _fold_ids(cfg)
+    if cfg.time_budget and cfg.plan is None:
+        # before anything is written: a budget too small is refused with nothing trained
+        planned = with_plan(cfg)  # a rerun keeps the plan measured the first time
+        cfg = planned if planned.plan else plan_run(cfg, dataset, started)
+        cfg = cfg.model_copy(update={"deadline": started + parse_budget(cfg.time_budget)})
     # before anything is written: train_config.json must keep describing the folds beside it
     check_models(cfg, models, dataset)
     groups = [str(g) for g in dataset.column("groups")]
@@ -75,6 +83,7 @@ def run_fold(cfg: TrainConfig, fold: int) -> FoldResult:
     """One fold, in-process (``executor="inline"``) or as one Ray task asking for
     ``gpus_per_fold`` GPUs; raises when the fold fails after its retries. Call
     :func:`prepare_run` first."""
+    cfg = with_plan(cfg)
     if cfg.executor == "inline":
         return fit_fold(cfg, fold)
     import ray

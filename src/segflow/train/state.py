@@ -22,6 +22,7 @@ from segflow.errors import ConfigError
 from segflow.storage import Store
 from segflow.train.config import TrainConfig
 from segflow.train.model import ModelSpec
+from segflow.train.plan import default_size, recorded
 from segflow.train.splits import SPLITS
 
 if TYPE_CHECKING:  # only its size and resize policy are read
@@ -80,12 +81,21 @@ def model_spec(cfg: TrainConfig, dataset: Dataset) -> ModelSpec:
         encoder=cfg.encoder,
         encoder_depth=cfg.encoder_depth,
         decoder_channels=cfg.decoder_channels,
-        input_size=cfg.size or dataset.size,
+        input_size=cfg.size or default_size(dataset.size, cfg.encoder_depth),
         dataset_size=dataset.size,
         resize=dataset.resize,
         threshold=cfg.threshold,
         encoder_weights=cfg.encoder_weights,
     )
+
+
+def with_plan(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the plan its run recorded in the models root's ``train_config.json``
+    (a ``--time-budget`` run plans once, in its driver; see :mod:`segflow.train.plan`)."""
+    if not cfg.time_budget or cfg.plan is not None:
+        return cfg
+    models = Store(cfg.models, cfg.storage)
+    return recorded(cfg, models.read_json(RECORD) if models.exists(RECORD) else None)
 
 
 def differences(cfg: TrainConfig, fold: Store, spec: ModelSpec) -> Differences:

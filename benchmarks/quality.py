@@ -1,0 +1,165 @@
+"""Quality per budget: ``segflow train --time-budget`` on ISIC 2017, judged at full resolution.
+
+On ``../shared/data/isic2017/train`` (2,000 images published at 256x256, masks at the photos'
+resolution): ingest once (cached in ``--work``; not part of the budget), then train with
+``--time-budget`` (default 25m) on a ``--folds`` (5) split, fold ``--fold`` (0) only, inline,
+with every other option at its default: the planner picks the encoder, input size, batch
+and epochs (segflow.train.plan). Reports fold 0's validation Dice, Jaccard and thresholded
+Jaccard at the original mask resolution (and at the training resolution, labelled), the
+chosen plan, and the wall time. Target: thresholded Jaccard >= 0.80 at full resolution
+within the budget (25 minutes).
+
+    python benchmarks/quality.py [--data ../shared/data/isic2017/train] [--work DIR]
+        [--time-budget 25m] [--folds 5] [--fold 0] [--limit N] [--json]
+
+``--limit N`` ingests only the first N images (a smoke run on a loaded machine; its scores
+are not the benchmark's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_TJ = 0.80
+METRICS = ("dice", "jaccard", "thresholded_jaccard")
+log = logging.getLogger("quality")
+
+
+def ingest_isic(data: Path, work: Path, limit: int | None = None) -> str:
+    """The ISIC folder (or its first ``limit`` images, as symlinks) ingested at 256x256 into
+    ``work/isic[-<limit>].zarr``, reused when present."""
+    from segflow.ingest import IngestConfig, ingest
+
+    name = f"isic-{limit}" if limit else "isic"
+    url = str(work / f"{name}.zarr")
+    if (work / f"{name}.zarr").exists():
+        return url
+    images, masks = data / "images", data / "masks"
+    if limit:
+        images, masks = work / f"{name}-src" / "images", work / f"{name}-src" / "masks"
+        images.mkdir(parents=True, exist_ok=True)
+        masks.mkdir(parents=True, exist_ok=True)
+        for jpg in sorted((data / "images").glob("*.jpg"))[:limit]:
+            png = f"{jpg.stem}_segmentation.png"
+            for link, target in ((images / jpg.name, jpg), (masks / png, data / "masks" / png)):
+                if not link.exists():
+                    link.symlink_to(target)
+    t0 = time.perf_counter()
+    result = ingest(
+        IngestConfig(
+            layout="isic",
+            source=str(images),
+            masks=str(masks),
+            dataset=url,
+            size=(256, 256),
+            allow_external_links=bool(limit),  # the subset is symlinks into --data, on purpose
+        )
+    )
+    log.info("ingested %d images in %.0fs", result.n_images, time.perf_counter() - t0)
+    return url
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from segflow.train import TrainConfig, train
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = ingest_isic(Path(args.data), work, args.limit)
+    subset = f"-n{args.limit}" if args.limit else ""
+    models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}{subset}"
+    cfg = TrainConfig(
+        dataset=dataset,
+        models=str(models),
+        folds=args.folds,
+        fold_ids=[args.fold],
+        time_budget=args.time_budget,
+        executor="inline",
+        overwrite=True,
+    )
+    t0 = time.time()
+    result = train(cfg)
+    wall = time.time() - t0
+    fold = result.folds[0]
+    if fold.status == "failed":
+        raise RuntimeError(f"fold {args.fold} failed: {fold.error}")
+    record = json.loads((models / "train_config.json").read_text())
+    scores = json.loads((models / f"fold-{args.fold}" / "scores.json").read_text())
+    plan = record["plan"]
+    budget_s = plan["budget_s"]
+    full = scores.get("original") or {}
+    return {
+        "data": str(args.data),
+        "limit": args.limit,
+        "time_budget": args.time_budget,
+        "folds": args.folds,
+        "fold": args.fold,
+        "wall_s": round(wall, 1),
+        "within_budget": wall <= budget_s,
+        "plan": {
+            k: plan[k]
+            for k in ("encoder", "size", "batch_size", "epochs", "epoch_s", "fold_s", "finish_s")
+        },
+        "encoder_weights": record["encoder_weights"],
+        "epochs_run": fold.epochs_run,
+        "best_epoch": fold.best_epoch,
+        "stopped_by": fold.stopped_by,
+        "original_resolution": {k: full.get(k) for k in (*METRICS, "n", "seconds")},
+        "training_resolution": scores["training"],
+        "fingerprint": plan["fingerprint"],
+        "step_times": plan["step_times"],
+        "planning_s": plan["planning_s"],
+        "target_thresholded_jaccard": TARGET_TJ,
+        "target_met": (full.get("thresholded_jaccard") or 0) >= TARGET_TJ and wall <= budget_s,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    p, full, frame = r["plan"], r["original_resolution"], r["training_resolution"]
+    return "\n".join(
+        [
+            f"quality: --time-budget {r['time_budget']}, fold {r['fold']} of {r['folds']}"
+            + (f", first {r['limit']} images only" if r["limit"] else ""),
+            f"  plan: {p['encoder']} ({r['encoder_weights']}) at {p['size'][0]}x{p['size'][1]}, "
+            f"batch {p['batch_size']}, up to {p['epochs']} epochs (~{p['epoch_s']:.0f}s each); "
+            f"planning {r['planning_s']:.0f}s",
+            f"  ran {r['epochs_run']} epochs, best {r['best_epoch']}"
+            + (" (stopped by the deadline)" if r["stopped_by"] == "deadline" else ""),
+            f"  original resolution ({full['n']} images, scored in {full['seconds']}s): "
+            f"Dice {full['dice']:.4f}, Jaccard {full['jaccard']:.4f}, "
+            f"thresholded Jaccard {full['thresholded_jaccard']:.4f}",
+            f"  training resolution: Dice {frame['dice']:.4f}, Jaccard {frame['jaccard']:.4f}, "
+            f"thresholded Jaccard {frame['thresholded_jaccard']:.4f}",
+            f"  wall time {r['wall_s']:.0f}s ({'within' if r['within_budget'] else 'OVER'} "
+            f"the budget); target tJ >= {TARGET_TJ}: {'met' if r['target_met'] else 'NOT met'}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "isic2017" / "train"))
+    ap.add_argument("--work", default="/tmp/segflow-quality")
+    ap.add_argument("--time-budget", default="25m")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke run)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not (Path(args.data) / "images").is_dir():
+        print(f"no ISIC data at {args.data}; skipping", file=sys.stderr)
+        return 0
+    r = run(args)
+    print(json.dumps(r, indent=2) if args.json else report(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

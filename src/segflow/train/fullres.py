@@ -1,0 +1,133 @@
+"""Fold scores at the original mask resolution, as the product is judged.
+
+A dataset's frame (``masks``) is a resize of each source mask; the source itself is named by
+the row's ``mask_sources`` URL (docs/dataset.md). ISIC 2017's training images were published
+at 256x256 while their masks are at the photo's resolution (up to 30 MP), so a score on the
+frame is not the score a user of the masks gets. Here each validation row's OOF probability
+frame goes through the same inverse resize as prediction
+(:func:`segflow.predict.postprocess.full_size_mask`: crop the content box, bilinear to the
+original size, then threshold) onto the source mask's own size, and is scored there by the
+same function as ``segflow evaluate``: so a fold's original-resolution scores equal
+``segflow evaluate`` on the same masks.
+
+It runs once per fold, on the best checkpoint's OOF probabilities (decoding multi-megapixel
+masks every epoch would cost more than the epoch); the per-epoch validation that picks the
+best checkpoint stays at the training resolution and is labelled so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from segflow.cluster import cpu_count
+from segflow.dataset import Dataset
+from segflow.evaluate import _score
+from segflow.geometry import Placement, place
+from segflow.imaging import Rejected, decode_mask, mask_to_frame
+from segflow.predict.postprocess import full_size_mask
+from segflow.storage import StorageOptions, Store
+
+log = logging.getLogger("segflow.train")
+
+MAX_PIXELS = 178_956_970  # the decoders' limit (ingest's default --max-pixels)
+RESOLUTION_ORIGINAL = "original"
+RESOLUTION_FRAME = "training"
+METRICS = ("dice", "jaccard", "thresholded_jaccard")
+
+
+def source_truth(dataset: Dataset, row: int, storage: StorageOptions | None) -> np.ndarray | None:
+    """Row ``row``'s source mask at its own resolution, (h, w) uint8 {0, 1}, binarised by the
+    dataset's rule; ``None`` when the row has no source mask (drawn masks, unlabelled rows)."""
+    url = str(dataset.group["mask_sources"][row])
+    if not url:
+        return None
+    folder, name = posixpath.split(url)
+    data = Store(folder, storage).read_bytes(name)
+    mask, quirks = decode_mask(data, name, MAX_PIXELS, dataset.attrs.get("mask_positive", "auto"))
+    w, h = mask.size
+    return mask_to_frame(mask, place((h, w), (h, w), "stretch"), quirks)
+
+
+def original_placement(dataset: Dataset, row: int, orig: Sequence[int]) -> Placement:
+    """The frame's content box mapped onto an original of size ``orig``: the source mask
+    covers what the image covers, at its own resolution."""
+    box = tuple(int(v) for v in dataset.group["pad_box"][row])
+    return Placement(tuple(dataset.size), (int(orig[0]), int(orig[1])), box)  # type: ignore[arg-type]
+
+
+def prediction(
+    dataset: Dataset, row: int, prob: np.ndarray, orig: Sequence[int], threshold: float
+) -> np.ndarray:
+    """The bool mask a predictor would write for ``prob`` (uint8 x255 or float, frame size),
+    at size ``orig``."""
+    p = prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob.astype(np.float32)
+    return full_size_mask(p, original_placement(dataset, row, orig), threshold, "none")
+
+
+def score_row(
+    dataset: Dataset, row: int, prob: np.ndarray, threshold: float, storage: StorageOptions | None
+) -> dict[str, float] | None:
+    truth = source_truth(dataset, row, storage)
+    if truth is None:
+        return None
+    pred = prediction(dataset, row, prob, truth.shape, threshold)
+    r = _score(str(row), pred, truth, resized=False, missing=False)
+    return {m: getattr(r, m) for m in METRICS}
+
+
+def fold_scores(
+    dataset: Dataset,
+    rows: Sequence[int],
+    probs: Any,
+    threshold: float,
+    storage: StorageOptions | None = None,
+) -> dict[str, Any] | None:
+    """Mean Dice, Jaccard and thresholded Jaccard of ``rows`` at the original resolution
+    (``probs[row]``: the OOF frame); ``None`` when no row has a source mask. A row whose
+    source cannot be read is counted in ``n_unreadable`` and left out of the means."""
+    unreadable: list[int] = []
+
+    def one(row: int) -> dict[str, float] | None:
+        try:
+            return score_row(dataset, row, np.asarray(probs[row]), threshold, storage)
+        except (Rejected, OSError) as e:
+            log.warning("row %d: source mask not scored at full resolution: %s", row, e)
+            unreadable.append(row)
+            return None
+
+    with ThreadPoolExecutor(max(1, cpu_count())) as pool:  # PIL decodes and resizes off the GIL
+        scored = [s for s in pool.map(one, [int(r) for r in rows]) if s is not None]
+    if not scored:
+        return None
+    return {
+        "resolution": RESOLUTION_ORIGINAL,
+        "n": len(scored),
+        "n_unreadable": len(unreadable),
+        # the same mean as segflow evaluate's: math.fsum over the scored images
+        **{m: math.fsum(s[m] for s in scored) / len(scored) for m in METRICS},
+    }
+
+
+def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: int = 3) -> float:
+    """What :func:`fold_scores` costs per image here, measured on ``sample`` labelled rows
+    (the planner keeps this much time per validation image); 0 without source masks."""
+    sources = dataset.column("mask_sources")
+    rows = [i for i in range(dataset.n) if sources[i]][:sample]
+    if not rows:
+        return 0.0
+    empty = np.zeros(tuple(dataset.size), dtype=np.uint8)
+    t0 = time.perf_counter()
+    for r in rows:
+        try:
+            score_row(dataset, r, empty, 0.5, storage)
+        except (Rejected, OSError):
+            continue
+    return (time.perf_counter() - t0) / len(rows)

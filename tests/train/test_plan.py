@@ -1,0 +1,190 @@
+"""--time-budget: the planner, the deadline, the refusal, and scores at full resolution."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from segflow.evaluate import evaluate
+from segflow.ingest import IngestConfig, ingest
+from segflow.storage import Store
+from segflow.train import train
+from segflow.train.budget import BudgetError, parse_budget
+from segflow.train.plan import (
+    Fingerprint,
+    FixedStepTimer,
+    Workload,
+    candidates,
+    choose_plan,
+    deadline_lr,
+    measure,
+)
+from tests.makers import coded_pair, png_bytes, write_isic
+from tests.train.conftest import small_config
+
+FP = Fingerprint(
+    n_images=2000,
+    n_labelled=2000,
+    frame_size=(256, 256),
+    median_orig_size=(2000, 3000),
+    median_aspect=1.5,
+    foreground_fraction=0.2,
+    compactness=0.7,
+)
+# ~the measured CPU cost of Lite0: 0.05 s per image at 128x128 (= 3 s per megapixel)
+TIMER = FixedStepTimer(train_s_per_mpixel=3.0)
+
+
+def _plan(budget_s: float, folds: int = 1, devices: int = 1):
+    work = Workload(
+        budget_s=budget_s,
+        folds=folds,
+        devices=devices,
+        n_train=1600,
+        n_val=400,
+        finish_s_per_image=0.05,
+        min_epochs=8,
+    )
+    cands = candidates(FP.frame_size, ["timm-tf_efficientnet_lite0"], 16)
+    timings = measure(cands, TIMER, lambda t: True)
+    return choose_plan(FP, timings, work)
+
+
+def test_planner_picks_a_smaller_plan_when_the_budget_shrinks():
+    big, mid, small = _plan(3 * 3600), _plan(25 * 60), _plan(8 * 60)
+    assert big.size == (256, 256) and big.epochs >= 8
+    assert small.size < mid.size < big.size
+    assert all(p.epochs >= 8 and p.reached_min_epochs for p in (big, mid, small))
+    # the same inputs give the same plan: the stage cache stays meaningful
+    assert _plan(25 * 60) == mid
+    # 5 folds on one device take 5 rounds, on 5 devices one: the larger plan fits again
+    assert _plan(25 * 60, folds=5).size < mid.size
+    assert _plan(25 * 60, folds=5, devices=5).size == mid.size
+
+
+def test_budget_too_small_for_one_epoch_is_refused_with_the_minimum():
+    with pytest.raises(BudgetError) as e:
+        _plan(20)
+    assert e.value.minimum_s > 20
+    assert f"{int(np.ceil(e.value.minimum_s / 60))}m" in str(e.value)
+    # the minimum is enough: one epoch of the smallest plan fits in it
+    assert _plan(e.value.minimum_s + 1).epochs >= 1
+
+
+def test_budget_parsing_and_schedule():
+    assert parse_budget("25m") == 1500 and parse_budget("1.5h") == 5400
+    assert parse_budget("90s") == parse_budget("90") == 90
+    lrs = [deadline_lr(1e-3, 1e-6, e, 10, 1) for e in range(10)]
+    assert lrs[0] < lrs[1] == pytest.approx(1e-3)  # warm-up, then the peak
+    assert all(a > b for a, b in itertools.pairwise(lrs[1:]))  # cosine down
+
+
+def test_too_small_budget_refused_before_training(local, tiny_dataset):
+    models = f"{local.base}/m"
+    cfg = small_config(tiny_dataset, models, local.storage, time_budget="1s", fold_ids=[0])
+    with pytest.raises(BudgetError, match="minimum budget"):
+        train(cfg)
+    assert not Store(models, local.storage).exists("fold-0")  # nothing trained
+
+
+def test_run_stops_before_the_deadline_with_every_artifact(local, tiny_dataset, monkeypatch):
+    import segflow.train.plan as plan_module
+
+    # a plan of ~1 s epochs whatever the machine's load; the deadline must hold anyway
+    monkeypatch.setattr(
+        plan_module, "TorchStepTimer", lambda cfg: FixedStepTimer(train_s_per_mpixel=50.0)
+    )
+    models = f"{local.base}/m"
+    budget = 30.0
+    cfg = small_config(
+        tiny_dataset, models, local.storage, time_budget=f"{budget:.0f}s", fold_ids=[0]
+    )
+    t0 = time.time()
+    result = train(cfg)
+    took = time.time() - t0
+    assert took < budget, f"training took {took:.1f}s of a {budget}s budget"
+    fold = result.folds[0]
+    assert fold.status == "done", fold.error
+    m = Store(models, local.storage)
+    record = m.read_json("train_config.json")
+    plan = record["plan"]
+    assert record["epochs"] == plan["epochs"] >= 1
+    assert plan["fingerprint"]["n_labelled"] == 24 and plan["step_times"]
+    # either the deadline stopped it, or the planned epochs ended before it
+    assert fold.stopped_by == "deadline" or fold.epochs_run == plan["epochs"]
+    for name in ("best.pt", "last.pt", "oof.json", "metrics.csv", "scores.json"):
+        assert m.exists(f"fold-0/{name}"), name
+    assert m.child("fold-0").read_marker("fold") is not None
+    # a rerun keeps the recorded plan and skips the finished fold
+    again = train(cfg)
+    assert again.folds[0].status == "skipped"
+
+
+def _dataset_with_large_masks(local, n: int = 12) -> tuple[str, Store]:
+    """Images at 32x32 whose masks are at 72x96, as ISIC's published training set."""
+    raw = Store(f"{local.base}/raw", local.storage)
+    write_isic(raw, range(n), h=32, w=32)
+    for k in range(n):
+        _, mask = coded_pair(k, 72, 96)
+        raw.write_bytes(f"ISIC_{k:07d}_segmentation.png", png_bytes(mask))
+    url = f"{local.base}/ds"
+    cfg = IngestConfig(
+        layout="isic", source=raw.url, dataset=url, size=(32, 32), storage=local.storage
+    )
+    ingest(cfg)
+    return url, raw
+
+
+def test_full_resolution_scores_equal_evaluate(local):
+    from segflow.dataset import Dataset
+    from segflow.train.fullres import fold_scores, prediction, source_truth
+
+    url, raw = _dataset_with_large_masks(local)
+    dataset = Dataset(Store(url, local.storage))
+    rng = np.random.default_rng(0)
+    # blurry probabilities: the inverse resize and the threshold both matter
+    probs = (rng.random((dataset.n, 32, 32)) * 255).astype(np.uint8)
+    for i in range(dataset.n):
+        probs[i] = np.clip(probs[i] // 2 + dataset.mask(i) * 128, 0, 255)
+    rows = list(range(dataset.n))
+    scores = fold_scores(dataset, rows, probs, 0.5, local.storage)
+    assert scores is not None and scores["resolution"] == "original"
+    assert scores["n"] == dataset.n
+    # the masks a predictor writes, scored by segflow evaluate against the source masks
+    preds = Store(f"{local.base}/pred", local.storage)
+    for i, id_ in enumerate(dataset.ids):
+        truth = source_truth(dataset, i, local.storage)
+        assert truth.shape == (72, 96)
+        mask = prediction(dataset, i, probs[i], truth.shape, 0.5)
+        preds.write_bytes(f"{id_}_segmentation.png", png_bytes(mask.astype(np.uint8) * 255))
+    ev = evaluate(preds.url, raw.url, layout="isic", storage=local.storage)
+    assert ev.n == dataset.n and not ev.missing_predictions
+    assert scores["dice"] == pytest.approx(ev.mean_dice, abs=1e-12)
+    assert scores["jaccard"] == pytest.approx(ev.mean_jaccard, abs=1e-12)
+    assert scores["thresholded_jaccard"] == pytest.approx(ev.mean_thresholded_jaccard, abs=1e-12)
+
+
+def test_fold_reports_original_and_training_resolution(local):
+    url, _ = _dataset_with_large_masks(local)
+    models = f"{local.base}/m"
+    result = train(small_config(url, models, local.storage, epochs=1, fold_ids=[0]))
+    fold = result.folds[0]
+    assert fold.status == "done", fold.error
+    assert fold.resolution == "original"
+    assert set(fold.training_scores) == {"dice", "jaccard", "thresholded_jaccard"}
+    scores = Store(models, local.storage).read_json("fold-0/scores.json")
+    assert scores["original"]["dice"] == fold.dice
+    assert scores["training"] == fold.training_scores
+
+
+def test_training_report_shows_the_plan():
+    from segflow.pipeline.report import plan_lines
+
+    plan = {**_plan(25 * 60).to_dict(), "fingerprint": FP.to_dict()}
+    text = "\n".join(plan_lines(plan))
+    assert "plan for 25 min: timm-tf_efficientnet_lite0 at" in text
+    assert "2000 labelled images, median original 2000x3000" in text
+    assert "step times" in text and plan_lines(None) == []
