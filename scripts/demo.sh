@@ -7,7 +7,10 @@
 # Then the model lifecycle in two versions: the first retrain is gated against a frozen
 # benchmark ($OUT/benchmark) and, as the first version, promoted to `production`; a second
 # retrain, warm-started from production on a week of bad labels (masks shuffled between
-# images), is gated against it, and the log says whether it was promoted and why.
+# images), is gated against it, and the log says whether it was promoted and why. The
+# week-2 retrain fine-tunes at the full rate (init_lr_scale 1.0, not the default 0.1), as a
+# team would after a large relabelling: the bad labels then reach the weights within the
+# demo's few epochs, and the gate has a worse model to refuse.
 set -euo pipefail
 OUT="${1:-demo-out}"
 BIN="${BIN:-.venv/bin}"
@@ -62,7 +65,7 @@ PY
 sed -e "s#dataset_source: $OUT/raw#dataset_source: $OUT/raw-week2#" \
     -e "s#out_url: $OUT/predictions#out_url: $OUT/predictions-week2#" \
     -e "s#^  ingest: {size: \[128, 128\]}#  dataset: $OUT/models/dataset-week2.zarr\n  ingest: {size: [128, 128]}#" \
-    -e "s#^  train: {\(.*\)}#  train: {\1, init_from: production}#" \
+    -e "s#^  train: {\(.*\)}#  train: {\1, init_from: production, init_lr_scale: 1.0}#" \
     "$OUT/pipeline.yaml" > "$OUT/pipeline-week2.yaml"
 echo ">> 4/4 retraining on it, warm-started from production, gated against the benchmark"
 "$BIN/segflow" run --config "$OUT/pipeline-week2.yaml" --json | tail -1 > "$OUT/pipeline-week2-result.json"

@@ -41,7 +41,9 @@ def runs(s3_endpoint, prefect_api):
     bad_config = {
         **config,
         "dataset": f"{models}/dataset-bad.zarr",
-        "train": {**config["train"], "init_from": "production"},
+        # at the full rate (not the warm-start default of a tenth), so that 6 epochs of
+        # shuffled masks make a challenger that is worse on the benchmark
+        "train": {**config["train"], "init_from": "production", "init_lr_scale": 1.0},
     }
     second = train_flow(f"{base}/raw-bad", "isic", models, bad_config, return_state=True)
     ns = SimpleNamespace(
