@@ -314,6 +314,13 @@ class Store:
         data = json.dumps(obj, indent=2, sort_keys=True).encode()
         return self.write_bytes(rel, data, durable)
 
+    def flush(self) -> None:
+        """Make every ``write_bytes(..., durable=False)`` so far durable: locally one
+        ``sync()`` (a planner writing thousands of files pays one flush, not an fsync each);
+        nothing on S3, where each PUT already is."""
+        if self.is_local:
+            os.sync()
+
     def delete(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
         if self.fs.exists(p):

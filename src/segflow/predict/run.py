@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import posixpath
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("segflow.predict")
-_MASK_HINTS = ("_segmentation", "_mask", "_superpixels")
+_MASK_HINT = re.compile("_segmentation|_mask|_superpixels", re.IGNORECASE)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _source_items(cfg: PredictConfig, layout: str, lister: Lister) -> Iterator[I
 def input_item(cfg: PredictConfig, layout: str, f: FileInfo) -> Item | None:
     """The decision for one listed file: its item, or ``None`` when it is not an input."""
     stem, ext = posixpath.splitext(f.rel)
-    if ext.lower() not in IMAGE_SUFFIXES or any(h in stem.lower() for h in _MASK_HINTS):
+    if ext.lower() not in IMAGE_SUFFIXES or _MASK_HINT.search(stem):
         return None
     if cfg.layout == "folder" and not fnmatch.fnmatch(f.rel, cfg.image_glob):
         return None
