@@ -124,9 +124,13 @@ def test_new_files_only_run_new_shards(ensemble, tmp_path):
     first = predict(cfg)
     img, _ = coded_pair(50)
     (tmp_path / "raw" / "ISIC_0000050.jpg").write_bytes(jpeg_bytes(img))
-    second = predict(cfg)
+    figures = []
+    second = predict(cfg, progress=figures.append)
     assert (first.n_shards, second.n_shards, second.shards_run) == (2, 3, 1)
     assert second.n_images == 5
+    # progress over the whole archive: the 4 images of the earlier run count as done
+    [fig] = figures
+    assert (fig.done, fig.total, fig.eta_s) == (5, 5, 0.0) and fig.rate > 0
 
 
 def test_sigkill_mid_run_then_rerun_equals_a_clean_run(ensemble, tmp_path):
