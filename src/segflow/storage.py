@@ -255,18 +255,23 @@ class Store:
         if os.path.isfile(base):
             yield _local_info(base, posixpath.relpath(base, self.root))
         elif os.path.isdir(base):
-            yield from self._walk_folder(base)
+            yield from self._walk_folder(base, set())
 
-    def _walk_folder(self, folder: str) -> Iterator[FileInfo]:
+    def _walk_folder(self, folder: str, seen: set[tuple[int, int]]) -> Iterator[FileInfo]:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            return  # a link back to a folder being walked: once is enough, a loop never ends
+        seen.add((st.st_dev, st.st_ino))
         # names only (not DirEntry objects): the one list a flat folder of a million files needs
         with os.scandir(folder) as it:
             names = sorted(e.name + "/" if e.is_dir() else e.name for e in it)
         for name in names:
             full = os.path.join(folder, name.rstrip("/"))
             if name.endswith("/"):
-                yield from self._walk_folder(full)
+                yield from self._walk_folder(full, seen)
             else:
                 yield _local_info(full, posixpath.relpath(full, self.root))
+        seen.discard((st.st_dev, st.st_ino))
 
     def _walk_s3(self, rel: str) -> Iterator[FileInfo]:
         bucket, _, key = self.path(rel).partition("/")
