@@ -20,8 +20,8 @@ peak RSS (VmHWM from /proc/self/status): target < 2 GB.
 
 ``--scale`` checks that memory is flat in the number of inputs: it predicts 2,000 and then
 20,000 tiny 32x32 PNGs (``--scale-sizes``), each in a fresh subprocess, with a tiny model
-(two resnet18 folds trained at 32x32 unless ``--models`` is given; fold 0 predicts) and reports both peak RSS
-figures: target large / small <= 1.1.
+(two resnet18 folds trained at 32x32 unless ``--models`` is given; fold 0 predicts) and
+reports both peak RSS figures: target large / small <= 1.1.
 
     python benchmarks/predict.py [--replicate R] [--repeats 2] [--size H W] [--models URL]
                                  [--memory N] [--scale] [--skip-speed] [--json] [--check]
