@@ -18,8 +18,13 @@ Targets: segflow / model-only >= 0.8, segflow faster than naive (the ratio is re
 ``--memory N`` also predicts N small generated JPEGs in a fresh subprocess and reports its
 peak RSS (VmHWM from /proc/self/status): target < 2 GB.
 
+``--scale`` checks that memory is flat in the number of inputs: it predicts 2,000 and then
+20,000 tiny 32x32 PNGs (``--scale-sizes``), each in a fresh subprocess, with a tiny model
+(two resnet18 folds trained at 32x32 unless ``--models`` is given; fold 0 predicts) and
+reports both peak RSS figures: target large / small <= 1.1.
+
     python benchmarks/predict.py [--replicate R] [--repeats 2] [--size H W] [--models URL]
-                                 [--memory N] [--json] [--check]
+                                 [--memory N] [--scale] [--skip-speed] [--json] [--check]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ SHARED_DATA = Path(
 FULLRES = SHARED_DATA / "isic2017/fullres/images"
 TARGET_MODEL_RATIO = 0.8
 TARGET_RSS_BYTES = 2 * 1024**3
+TARGET_SCALE_RATIO = 1.1  # peak RSS of the large run / the small one
 THRESHOLD = 0.5
 SEED = 0
 
@@ -108,6 +114,21 @@ def write_small_jpegs(folder: Path, n: int, size: tuple[int, int] = (48, 64)) ->
     folder.mkdir(parents=True)
     for i in range(n):
         (folder / f"ISIC_{i:07d}.jpg").write_bytes(encoded[i % len(encoded)])
+
+
+def write_small_pngs(folder: Path, n: int, size: tuple[int, int] = (32, 32)) -> None:
+    """``n`` tiny PNGs: 16 distinct random images, written round robin."""
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED)
+    encoded = []
+    for _ in range(16):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"ISIC_{i:07d}.png").write_bytes(encoded[i % len(encoded)])
 
 
 # -- the three ways -------------------------------------------------------------------------------
@@ -282,19 +303,15 @@ def memory_child(models: str, source: str, out: str, tta: str, folds: str, shard
     )
 
 
-def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    source = tmp / "small"
-    write_small_jpegs(source, args.memory)
-    made = time.perf_counter() - t0
-    print(f"  memory: {args.memory} 64x48 JPEGs written in {made:.1f}s", file=sys.stderr)
+def memory_run(models: str, source: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Predict ``source`` in a fresh subprocess (:func:`memory_child`); its figures."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
         "--memory-child",
         models,
         str(source),
-        str(tmp / "small-out"),
+        str(out),
         args.memory_tta,
         args.memory_folds,
         str(args.memory_shard),
@@ -302,7 +319,16 @@ def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    source = tmp / "small"
+    write_small_jpegs(source, args.memory)
+    made = time.perf_counter() - t0
+    print(f"  memory: {args.memory} 64x48 JPEGs written in {made:.1f}s", file=sys.stderr)
+    rep = memory_run(models, source, tmp / "small-out", args)
     ok = rep["peak_rss_bytes"] < TARGET_RSS_BYTES and not rep["errors"]
     rep.update(
         {
@@ -314,6 +340,45 @@ def measure_memory(models: str, tmp: Path, args: argparse.Namespace) -> dict:
         }
     )
     return rep
+
+
+def measure_scale(models: str, tmp: Path, args: argparse.Namespace) -> dict:
+    """Peak RSS of a small and a large run of tiny PNGs, each in its own process: what
+    grows with the number of inputs (plans, result lists, per-item records) shows here."""
+    runs = {}
+    for label, n in zip(("small", "large"), args.scale_sizes, strict=True):
+        source = tmp / f"scale-{n}"
+        write_small_pngs(source, n)
+        rep = memory_run(models, source, tmp / f"scale-{n}-out", args)
+        print(f"  scale: {n} 32x32 PNGs: {json.dumps(rep)}", file=sys.stderr)
+        runs[label] = {"n": n, **rep}
+    small, large = runs["small"]["peak_rss_bytes"], runs["large"]["peak_rss_bytes"]
+    ratio = large / small
+    growth = (large - small) / max(args.scale_sizes[1] - args.scale_sizes[0], 1)
+    return {
+        **runs,
+        "rss_ratio": round(ratio, 4),
+        "bytes_per_extra_image": round(growth, 1),
+        "tta": args.memory_tta,
+        "folds": args.memory_folds,
+        "shard_size": args.memory_shard,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "pass": ratio <= TARGET_SCALE_RATIO
+        and not runs["small"]["errors"]
+        and not runs["large"]["errors"],
+    }
+
+
+def print_scale(scale: dict) -> None:
+    s, g = scale["small"], scale["large"]
+    mib = 1024**2
+    print(
+        f"scale: {s['n']} vs {g['n']} 32x32 PNGs: peak RSS {s['peak_rss_bytes'] / mib:.0f} vs "
+        f"{g['peak_rss_bytes'] / mib:.0f} MiB ({g['images_per_s']:.1f} img/s; "
+        f"{scale['bytes_per_extra_image']:.0f} B per extra image)"
+    )
+    ok = scale["pass"]
+    print(_verdict("RSS large / small", f"{scale['rss_ratio']:.3f}", "<= 1.1", ok))
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -411,6 +476,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-folds", default="0", help="folds of the memory run ('all' or 0,1)")
     p.add_argument("--memory-shard", type=int, default=64, help="shard size of the memory run")
     p.add_argument("--skip-speed", action="store_true", help="only the --memory measurement")
+    p.add_argument(
+        "--scale", action="store_true", help="peak RSS of a small vs a large run of 32x32 PNGs"
+    )
+    p.add_argument(
+        "--scale-sizes",
+        type=int,
+        nargs=2,
+        default=(2000, 20000),
+        metavar=("SMALL", "LARGE"),
+        help="image counts of the --scale runs",
+    )
     p.add_argument("--json", action="store_true", help="print all figures as one JSON line")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
@@ -453,7 +529,10 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     models = args.models
     if models is None:
         t0 = time.perf_counter()
-        models = build_models(tmp, args)
+        # --scale alone: a tiny model at 32x32 (one fold), the inputs' own size
+        only_scale = args.scale and args.skip_speed and not args.memory
+        tiny = {"size": (32, 32), "folds": 2, "train_n": 16} if only_scale else {}
+        models = build_models(tmp, argparse.Namespace(**{**vars(args), **tiny}))
         print(
             f"  models: tiny ensemble trained in {time.perf_counter() - t0:.1f}s", file=sys.stderr
         )
@@ -483,12 +562,18 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         rep = make_report(measure(models, files, tmp, args), rep)
     if args.memory:
         rep["memory"] = measure_memory(models, tmp, args)
+    if args.scale:
+        rep["scale"] = measure_scale(models, tmp, args)
     return rep
 
 
 def passed(rep: dict) -> bool:
     ok = [rep.get("pass_model_ratio", True), rep.get("pass_naive", True)]
-    return all(ok) and rep.get("memory", {}).get("pass", True)
+    return (
+        all(ok)
+        and rep.get("memory", {}).get("pass", True)
+        and rep.get("scale", {}).get("pass", True)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"predict: {rep['speed']}")
     if "memory" in rep:
         print_memory(rep["memory"])
+    if "scale" in rep:
+        print_scale(rep["scale"])
     if args.json:
         print(json.dumps(rep))
     if args.check and not passed(rep):

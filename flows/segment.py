@@ -47,9 +47,12 @@ def segment_flow(
         predict_cfg.public_dict(),
     )
     plan = cached(plan_shards)(predict_cfg, version)
-    progress = Progress(len(plan.shards), f"shards of {source} predicted")
+    progress = Progress(sum(s.n for s in plan.shards), f"images of {source} predicted")
     futures = [cached(predict_shard).submit(predict_cfg, plan, s.shard) for s in plan.shards]
-    for done, _ in enumerate(as_completed(futures), start=1):
+    size = {f.task_run_id: s.n for f, s in zip(futures, plan.shards, strict=True)}
+    done = 0
+    for future in as_completed(futures):  # images over the whole archive, not shards
+        done += size[future.task_run_id]
         progress.update(done)
     shards = [f.result() for f in futures]
     summary = cached(summarize_predictions)(predict_cfg, plan, shards)

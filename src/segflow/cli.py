@@ -209,11 +209,11 @@ def predict(
 
 
 def _progress_bar():
-    def show(done: int, total: int, rate: float) -> None:
+    def show(fig) -> None:  # a segflow.progress.ProgressFigures: the whole archive's
         width = 30
-        filled = int(width * done / max(total, 1))
+        filled = int(width * fig.percent / 100)
         bar = "#" * filled + "-" * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {done}/{total} images, {rate:.1f} img/s")
+        sys.stderr.write(f"\r[{bar}] {fig.line()}")
         sys.stderr.flush()
 
     return show

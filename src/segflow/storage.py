@@ -39,6 +39,7 @@ os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 
 MARKER_SUFFIX = ".complete.json"
+LIST_PAGE = 1000  # objects per listing page, as S3's ListObjectsV2 returns them
 _HASH_CHUNK = 4 << 20
 
 
@@ -225,22 +226,71 @@ class Store:
         """All objects under ``rel`` (recursively), sorted, with paths relative to the store's
         root (not to ``rel``); ``pattern`` is an fnmatch on that path. Temporary files of
         in-flight atomic writes are never listed."""
+        return [f for page in self.iter_list(rel, pattern) for f in page]
+
+    def iter_list(
+        self, rel: str = "", pattern: str | None = None, page_size: int = LIST_PAGE
+    ) -> Iterator[list[FileInfo]]:
+        """:meth:`list` one page at a time, in the same sorted order, so that an archive of a
+        million objects is never held at once: S3 is read one ``ListObjectsV2`` page (up to
+        1,000 keys) per request; a local folder is walked depth first, each folder's entries
+        sorted with a folder ``a`` as ``a/`` (after ``a.txt``, as its paths are), so the
+        pages concatenate to the sorted listing."""
+        walk = self._walk_local(rel) if self.is_local else self._walk_s3(rel)
+        page: list[FileInfo] = []
+        for f in walk:
+            if posixpath.basename(f.rel).startswith(".tmp-"):
+                continue
+            if pattern and not fnmatch.fnmatch(f.rel, pattern):
+                continue
+            page.append(f)
+            if len(page) >= page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _walk_local(self, rel: str) -> Iterator[FileInfo]:
         base = self.path(rel)
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base, detail=True)
-        out = []
-        for full, info in found.items():
-            if info.get("type") == "directory":
-                continue
-            sub = posixpath.relpath(_strip_protocol(full), self.root)
-            name = posixpath.basename(sub)
-            if name.startswith(".tmp-"):
-                continue
-            if pattern and not fnmatch.fnmatch(sub, pattern):
-                continue
-            out.append(FileInfo(sub, int(info.get("size") or 0), _fingerprint(info)))
-        return sorted(out, key=lambda f: f.rel)
+        if os.path.isfile(base):
+            yield _local_info(base, posixpath.relpath(base, self.root))
+        elif os.path.isdir(base):
+            yield from self._walk_folder(base, set())
+
+    def _walk_folder(self, folder: str, seen: set[tuple[int, int]]) -> Iterator[FileInfo]:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            return  # a link back to a folder being walked: once is enough, a loop never ends
+        seen.add((st.st_dev, st.st_ino))
+        # names only (not DirEntry objects): the one list a flat folder of a million files needs
+        with os.scandir(folder) as it:
+            names = sorted(e.name + "/" if e.is_dir() else e.name for e in it)
+        for name in names:
+            full = os.path.join(folder, name.rstrip("/"))
+            if name.endswith("/"):
+                yield from self._walk_folder(full, seen)
+            else:
+                yield _local_info(full, posixpath.relpath(full, self.root))
+        seen.discard((st.st_dev, st.st_ino))
+
+    def _walk_s3(self, rel: str) -> Iterator[FileInfo]:
+        bucket, _, key = self.path(rel).partition("/")
+        root_key = self.root.partition("/")[2]
+        strip = len(root_key) + 1 if root_key else 0
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{key}/" if key else ""}
+        while True:  # one request per page; S3 returns keys in UTF-8 byte (= code point) order
+            try:
+                page = self.fs.call_s3("list_objects_v2", **kwargs)
+            except FileNotFoundError:
+                return  # no such bucket: nothing listed, as for a missing folder
+            for c in page.get("Contents", []):
+                if c["Key"].endswith("/"):
+                    continue  # a folder placeholder written by some S3 tools
+                info = {"size": c["Size"], "ETag": c.get("ETag")}
+                yield FileInfo(c["Key"][strip:], int(c["Size"]), _fingerprint(info))
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> str:
@@ -268,6 +318,13 @@ class Store:
     def write_json(self, rel: str, obj: Any, durable: bool = True) -> str:
         data = json.dumps(obj, indent=2, sort_keys=True).encode()
         return self.write_bytes(rel, data, durable)
+
+    def flush(self) -> None:
+        """Make every ``write_bytes(..., durable=False)`` so far durable: locally one
+        ``sync()`` (a planner writing thousands of files pays one flush, not an fsync each);
+        nothing on S3, where each PUT already is."""
+        if self.is_local:
+            os.sync()
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         p = self.path(rel)
@@ -299,8 +356,14 @@ class Store:
         )
 
 
-def _strip_protocol(p: str) -> str:
-    return p.split("://", 1)[1] if "://" in p else p
+def _local_info(full: str, rel: str) -> FileInfo:
+    """What ``fsspec``'s local listing reported (size and mtime of a link's target), so
+    fingerprints, and the listing hashes built from them, did not change with the walk."""
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:  # a dangling link
+        st = os.lstat(full)
+    return FileInfo(rel, st.st_size, _fingerprint({"size": st.st_size, "mtime": st.st_mtime}))
 
 
 def _fingerprint(info: dict[str, Any]) -> str:
@@ -334,6 +397,19 @@ def sha256_object(store: Store, rel: str) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_listing(store: Store, rel: str = "") -> str:
+    """:func:`sha256_json` of ``[[rel, fingerprint], ...]`` for every object under ``rel``,
+    streamed page by page: the same value, without a million-entry list and its JSON text."""
+    h = hashlib.sha256(b"[")
+    sep = b""
+    for page in store.iter_list(rel):
+        for f in page:
+            h.update(sep + json.dumps([f.rel, f.fingerprint]).encode())
+            sep = b", "
+    h.update(b"]")
+    return h.hexdigest()
 
 
 def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -124,9 +124,13 @@ def test_new_files_only_run_new_shards(ensemble, tmp_path):
     first = predict(cfg)
     img, _ = coded_pair(50)
     (tmp_path / "raw" / "ISIC_0000050.jpg").write_bytes(jpeg_bytes(img))
-    second = predict(cfg)
+    figures = []
+    second = predict(cfg, progress=figures.append)
     assert (first.n_shards, second.n_shards, second.shards_run) == (2, 3, 1)
     assert second.n_images == 5
+    # progress over the whole archive: the 4 images of the earlier run count as done
+    [fig] = figures
+    assert (fig.done, fig.total, fig.eta_s) == (5, 5, 0.0) and fig.rate > 0
 
 
 def test_sigkill_mid_run_then_rerun_equals_a_clean_run(ensemble, tmp_path):
@@ -299,14 +303,14 @@ def test_record_names_the_mask_layout(ensemble, tmp_path):
 def test_a_manifest_holding_an_id_twice_is_repaired_once(tmp_path):
     """Manifests written before duplicate ids were refused: the shard that held the id twice
     runs once more, then never again."""
-    from segflow.predict.run import MANIFEST, Inputs, plan_shards, shard_marker
+    from segflow.predict.run import MANIFEST, Inputs, plan_shards, read_shard, shard_marker
 
     out = Store(str(tmp_path / "out"))
     jpg, png = ["a", "a.jpg", "a.png", "f1"], ["a", "a.png", "a.png", "f2"]
     out.write_json(MANIFEST, {"shard_size": 4, "shards": [{"shard": 0, "items": [jpg, png]}]})
     out.mark_complete(shard_marker(0), {"outputs": [], "errors": []})
     inputs = Inputs([jpg], [{"file": "a.png", "id": "a", "reason": "duplicate_id"}], "folder")
-    assert plan_shards(out, inputs, 4)[0]["items"] == [jpg]
+    assert read_shard(out, plan_shards(out, inputs, 4)[0])["items"] == [jpg]
     assert out.read_marker(shard_marker(0)) is None  # runs again, once
     out.mark_complete(shard_marker(0), {"outputs": [], "errors": []})
     plan_shards(out, inputs, 4)

@@ -5,6 +5,7 @@ each call attaches an artifact to the current flow run (keyed ones keep their hi
 from __future__ import annotations
 
 import posixpath
+import time
 from typing import Any
 
 from prefect.artifacts import (
@@ -23,6 +24,7 @@ from segflow.pipeline.manifests import (
     VersionManifest,
 )
 from segflow.pipeline.report import fold_rows, run_description, training_markdown
+from segflow.progress import progress_figures
 from segflow.storage import StorageOptions, Store, redact
 
 
@@ -86,14 +88,17 @@ def publish_segmentation(
 
 
 class Progress:
-    """A progress artifact for bulk prediction: ``update(done)`` as shards finish."""
+    """A progress artifact for bulk prediction: ``update(done)`` as shards finish, ``done``
+    and ``total`` counted in images over the whole archive; the description carries the
+    count, rate and ETA (:mod:`segflow.progress`)."""
 
     def __init__(self, total: int, what: str) -> None:
-        self.total = max(total, 1)
+        self.total, self.what, self.t0 = max(total, 1), what, time.perf_counter()
         self.id = create_progress_artifact(0.0, key="predict-progress", description=what)
 
     def update(self, done: int) -> None:
-        update_progress_artifact(self.id, min(100.0, 100.0 * done / self.total))
+        fig = progress_figures(done, self.total, done, time.perf_counter() - self.t0)
+        update_progress_artifact(self.id, fig.percent, description=f"{self.what}: {fig.line()}")
 
 
 def _read_url(url: str, storage: StorageOptions) -> bytes:

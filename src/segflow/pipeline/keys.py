@@ -21,7 +21,7 @@ from typing import Any
 
 from segflow import __version__
 from segflow.config import StageConfig
-from segflow.storage import Store, sha256_json
+from segflow.storage import Store, sha256_json, sha256_listing
 
 _PKG = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def config_hash(cfg: StageConfig, exclude: frozenset[str] = frozenset()) -> str:
 def listing_hash(store: Store, rel: str = "") -> str:
     """Hash of every object's path and fingerprint (ETag+size on S3, size+mtime locally)
     under ``rel``: changes when any file is added, removed or rewritten."""
-    return sha256_json([(f.rel, f.fingerprint) for f in store.list(rel)])
+    return sha256_listing(store, rel)  # streamed: the same hash without holding the listing
 
 
 def task_key(stage: str, *parts: Any) -> str:

@@ -36,9 +36,9 @@ from segflow.pipeline.manifests import (
     VersionManifest,
 )
 from segflow.predict.config import PredictConfig
+from segflow.predict.manifest import read_shard, shard_refs
 from segflow.predict.postprocess import choose_from_models
 from segflow.predict.run import (
-    MANIFEST,
     ShardContext,
     pending_shards,
     plan_prediction,
@@ -251,7 +251,8 @@ def _dataset_hash(cfg: PredictConfig) -> str:
 
 def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> PredictionPlan:
     shards, ctx = plan_prediction(cfg)
-    items = [s["items"] for s in shards]
+    # each shard's hash is its items file's: the plan's hashes never load the items
+    hashes = [s["hash"] for s in shards]
     return PredictionPlan(
         out=cfg.out,
         version=version.id,
@@ -259,13 +260,10 @@ def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> Predictio
         threshold=ctx.threshold,
         postprocess=ctx.postprocess,
         folds=version.record.get("folds"),
-        shards=[
-            ShardEntry(shard=s["shard"], n=len(s["items"]), hash=sha256_json(s["items"]))
-            for s in shards
-        ],
-        source_hash=sha256_json(items),
+        shards=[ShardEntry(shard=s["shard"], n=s["n"], hash=s["hash"]) for s in shards],
+        source_hash=sha256_json(hashes),
         hash=sha256_json(
-            [version.id, version.hash, items, ctx.threshold, ctx.postprocess, config_hash(cfg)]
+            [version.id, version.hash, hashes, ctx.threshold, ctx.postprocess, config_hash(cfg)]
         ),
     )
 
@@ -277,9 +275,8 @@ def shard_key(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> str:
 
 def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> ShardManifest:
     out = Store(cfg.out, cfg.storage)
-    entry = out.read_json(MANIFEST)["shards"][shard]
     ctx = ShardContext(cfg, plan.threshold, plan.postprocess)
-    payload = predict_shard(ctx, entry)
+    payload = predict_shard(ctx, read_shard(out, shard_refs(out)[shard]))
     return ShardManifest(
         shard=shard,
         n_outputs=len(payload["outputs"]),
@@ -298,7 +295,7 @@ def summarize_predictions(
 ) -> PredictionSummary:
     t0 = time.perf_counter()
     out = Store(cfg.out, cfg.storage)
-    full = out.read_json(MANIFEST)["shards"]
+    full = shard_refs(out)
     missing = [s["shard"] for s in pending_shards(cfg, full)]
     if missing:
         raise RuntimeError(f"shards {missing[:10]} of {cfg.out} have no done-marker")

@@ -1,7 +1,8 @@
 """``predict()``: the fold ensemble + TTA over a dataset or a raw archive, in resumable shards.
 
-* Inputs are listed, then packed into shards of ``shard_size`` recorded in
-  ``out/_shards/manifest.json``: existing shards keep their items, new inputs go to new
+* Inputs are listed page by page, then packed into shards of ``shard_size``, recorded in a
+  sharded manifest (``out/_shards/manifest.json``, an index, and one items file per shard:
+  :mod:`segflow.predict.manifest`): existing shards keep their items, new inputs go to new
   shards, so a rerun does only unfinished or new shards. Two inputs with one id (``a.jpg``,
   ``a.png``) would write one mask: the first in path order is predicted, the others are
   reported as ``duplicate_id``, as ingest does.
@@ -18,10 +19,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import posixpath
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,26 +32,30 @@ from segflow.errors import InputError
 from segflow.imaging import IMAGE_SUFFIXES
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import load_ensemble
+from segflow.predict.manifest import Item, ShardRef, plan, read_shard
 from segflow.predict.outputs import RECORD, mask_layout, mask_name
 from segflow.predict.postprocess import resolve_choice
 from segflow.predict.shard import MANIFEST, SHARDS, ShardContext, run_shard, shard_marker
-from segflow.storage import Store, sha256_json
+from segflow.progress import ProgressFigures, progress_figures
+from segflow.storage import FileInfo, StorageOptions, Store, sha256_json
 
 __all__ = [
     "MANIFEST",
+    "Lister",
     "PredictResult",
     "ShardContext",
+    "list_inputs",
+    "list_source",
     "pending_shards",
     "plan_prediction",
     "predict",
+    "read_shard",
     "shard_marker",
     "summarize",
 ]
 
 log = logging.getLogger("segflow.predict")
-_MASK_HINTS = ("_segmentation", "_mask", "_superpixels")
-
-Item = list[str]  # [id, ref, output name, fingerprint]
+_MASK_HINT = re.compile("_segmentation|_mask|_superpixels", re.IGNORECASE)
 
 
 @dataclass
@@ -77,14 +84,25 @@ class PredictResult:
 class Inputs:
     """What a run predicts, and what it leaves out with a reason."""
 
-    items: list[Item]  # sorted by id, ids unique
+    items: Iterable[Item]  # any order, streamed; an id twice: the first in path order is kept
     rejected: list[dict[str, str]]
     layout: str  # the masks' naming
 
 
+#: how a run lists its source: ``(url, storage) -> FileInfo``s, sorted or not (the seam that
+#: benchmarks/plan.py feeds a synthetic million-object listing through)
+Lister = Callable[[str, StorageOptions], Iterable[FileInfo]]
+
+
+def list_source(url: str, storage: StorageOptions) -> Iterator[FileInfo]:
+    """The source's objects, one listing page at a time."""
+    for page in Store(url, storage).iter_list():
+        yield from page
+
+
 # -- inputs -------------------------------------------------------------------------------------
-def list_inputs(cfg: PredictConfig) -> Inputs:
-    """``[id, ref, output name, fingerprint]`` for every input, sorted by id; ``ref`` is a row
+def list_inputs(cfg: PredictConfig, lister: Lister | None = None) -> Inputs:
+    """``[id, ref, output name, fingerprint]`` for every input, streamed; ``ref`` is a row
     index (as a string) for a dataset, or a path relative to the source; ``fingerprint``
     changes when the input's content may have (the row's content hash, or the object's
     ETag/mtime and size)."""
@@ -94,10 +112,8 @@ def list_inputs(cfg: PredictConfig) -> Inputs:
         ds = Dataset(Store(cfg.dataset, cfg.storage))
         layout = mask_layout(str(ds.attrs.get("layout")))
         hashes = ds.column("content_hashes")
-        items = [[i, str(k), mask_name(i, layout), str(hashes[k])] for k, i in enumerate(ds.ids)]
+        items = ([i, str(k), mask_name(i, layout), str(hashes[k])] for k, i in enumerate(ds.ids))
         return Inputs(items, [], layout)
-    import fnmatch
-
     layout = mask_layout(cfg.layout)
     if cfg.image_pattern or cfg.pairs:  # the same pairing options as ingest and evaluate
         from segflow.pairing import list_images
@@ -105,94 +121,55 @@ def list_inputs(cfg: PredictConfig) -> Inputs:
         named, rejected = list_images(
             str(cfg.source), cfg.storage, cfg.image_glob, cfg.image_pattern, cfg.pairs
         )
-        items, duplicates = _drop_duplicates(
-            [[i, r, mask_name(i, layout), fp] for i, r, fp in named]
-        )
-        return Inputs(items, rejected + duplicates, layout)
-    found = []
-    for f in Store(cfg.source, cfg.storage).list():  # type: ignore[arg-type]
-        stem, ext = posixpath.splitext(f.rel)
-        if ext.lower() not in IMAGE_SUFFIXES or any(h in stem.lower() for h in _MASK_HINTS):
-            continue
-        if cfg.layout == "folder" and not fnmatch.fnmatch(f.rel, cfg.image_glob):
-            continue
-        image_id = posixpath.basename(stem) if cfg.layout != "folder" else stem
-        found.append([image_id, f.rel, mask_name(image_id, layout), f.fingerprint])
+        # repeated ids are settled by the plan, as for a plain listing (first path wins)
+        items = ([i, r, mask_name(i, layout), fp] for i, r, fp in named)
+        return Inputs(items, rejected, layout)
+    return Inputs(_source_items(cfg, layout, lister or list_source), [], layout)
+
+
+def _source_items(cfg: PredictConfig, layout: str, lister: Lister) -> Iterator[Item]:
+    found = 0
+    for f in lister(cfg.source, cfg.storage):  # type: ignore[arg-type]
+        item = input_item(cfg, layout, f)
+        if item is not None:
+            found += 1
+            yield item
     if not found:
         raise InputError(f"no images found under {cfg.source} (layout {cfg.layout})")
-    items, rejected = _drop_duplicates(found)
-    for r in rejected:
-        log.warning("predict: %s not predicted: %s", r["file"], r["detail"])
-    return Inputs(items, rejected, layout)
 
 
-def _drop_duplicates(found: list[Item]) -> tuple[list[Item], list[dict[str, str]]]:
-    """The first input of each id in path order; the others as ``duplicate_id``. Two files
-    of one id would write one mask, and which one survived would depend on a thread race."""
-    first: dict[str, Item] = {}
-    rejected = []
-    for it in sorted(found, key=lambda it: (it[0], it[1])):
-        kept = first.setdefault(it[0], it)
-        if kept is not it:
-            detail = f"id {it[0]} is also {kept[1]}, which is predicted"
-            rejected.append(
-                {"file": it[1], "id": it[0], "reason": "duplicate_id", "detail": detail}
-            )
-    return sorted(first.values()), rejected
+def input_item(cfg: PredictConfig, layout: str, f: FileInfo) -> Item | None:
+    """The decision for one listed file: its item, or ``None`` when it is not an input."""
+    stem, ext = posixpath.splitext(f.rel)
+    if ext.lower() not in IMAGE_SUFFIXES or _MASK_HINT.search(stem):
+        return None
+    if cfg.layout == "folder" and not fnmatch.fnmatch(f.rel, cfg.image_glob):
+        return None
+    image_id = posixpath.basename(stem) if cfg.layout != "folder" else stem
+    return [image_id, f.rel, mask_name(image_id, layout), f.fingerprint]
 
 
-def plan_shards(out: Store, inputs: Inputs, size: int) -> list[dict[str, Any]]:
-    """Keep the shards already planned; pack inputs not in any shard into new ones. An input
-    whose fingerprint changed stays in its shard, and that shard is marked to run again."""
-    manifest = out.read_json(MANIFEST) if out.exists(MANIFEST) else {"shards": []}
-    shards = manifest["shards"]
-    changed = _drop_repeated_ids(shards)
-    where = {item[0]: (s, j) for s in shards for j, item in enumerate(s["items"])}
-    fresh = []
-    for it in inputs.items:
-        if it[0] not in where:
-            fresh.append(it)
-            continue
-        shard, j = where[it[0]]
-        if shard["items"][j] != it:  # moved or rewritten since it was predicted
-            shard["items"][j] = it
-            changed.add(shard["shard"])
-    for start in range(0, len(fresh), size):
-        shards.append({"shard": len(shards), "items": fresh[start : start + size]})
-    new = {
-        "shard_size": size,
-        "shards": shards,
-        "rejected": inputs.rejected,
-        "layout": inputs.layout,
-    }
-    if fresh or changed or any(manifest.get(k) != new[k] for k in ("rejected", "layout")):
-        out.write_json(MANIFEST, new)
-    for k in sorted(changed):  # after the manifest: a crash in between reruns, never skips
-        out.clear_marker(shard_marker(k))
-    return shards
-
-
-def _drop_repeated_ids(shards: list[dict[str, Any]]) -> set[int]:
-    """Manifests written before duplicate ids were refused may hold an id twice: keep its
-    first entry; the shards that lose one run again."""
-    seen: set[str] = set()
-    changed = set()
-    for s in shards:
-        kept = [it for it in s["items"] if not (it[0] in seen or seen.add(it[0]))]
-        if len(kept) < len(s["items"]):
-            s["items"] = kept
-            changed.add(s["shard"])
-    return changed
+def plan_shards(out: Store, inputs: Inputs, size: int) -> list[ShardRef]:
+    """Keep the shards already planned; pack inputs not in any shard into new ones (sorted by
+    id). An input whose fingerprint changed stays in its shard, and that shard is marked to
+    run again. Streams (see :mod:`segflow.predict.manifest`); returns each shard's
+    ``{"shard", "n", "hash"}``, whose items :func:`read_shard` loads."""
+    result = plan(out, inputs.items, inputs.rejected, inputs.layout, size)
+    for r in result.rejected[:100]:
+        log.warning("predict: %s not predicted: %s", r["file"], r.get("detail", r["reason"]))
+    return result.shards
 
 
 # -- the whole run ------------------------------------------------------------------------------
-def plan_prediction(cfg: PredictConfig) -> tuple[list[dict[str, Any]], ShardContext]:
+def plan_prediction(
+    cfg: PredictConfig, lister: Lister | None = None
+) -> tuple[list[ShardRef], ShardContext]:
     """List the inputs, (re)plan the shards, and resolve the threshold and post-processing."""
     from segflow.predict.shard import _dataset_group
 
     _dataset_group.cache_clear()  # a dataset may have grown since an earlier run in this process
     out = Store(cfg.out, cfg.storage)
-    shards = plan_shards(out, list_inputs(cfg), cfg.shard_size)
+    shards = plan_shards(out, list_inputs(cfg, lister), cfg.shard_size)
     threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
     _forget_other_models(out, shards, _identity(cfg, threshold, method))
     return shards, ShardContext(cfg, threshold, method)
@@ -223,36 +200,40 @@ def _forget_other_models(out: Store, shards: list[dict], identity: dict[str, Any
     out.write_json(rel, identity)
 
 
-def pending_shards(cfg: PredictConfig, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def pending_shards(cfg: PredictConfig, shards: list[ShardRef]) -> list[ShardRef]:
     out = Store(cfg.out, cfg.storage)
     return [s for s in shards if out.read_marker(shard_marker(s["shard"])) is None]
 
 
 def predict(
-    cfg: PredictConfig, progress: Callable[[int, int, float], None] | None = None
+    cfg: PredictConfig, progress: Callable[[ProgressFigures], None] | None = None
 ) -> PredictResult:
+    """``progress`` gets the count, rate and ETA over the whole archive as each shard ends."""
     t0 = time.perf_counter()
     shards, ctx = plan_prediction(cfg)
     todo = pending_shards(cfg, shards)
-    todo_images = sum(len(s["items"]) for s in todo)
+    total = sum(s["n"] for s in shards)
+    todo_images = sum(s["n"] for s in todo)
     log.info("predict: %d shards, %d to run (%d images)", len(shards), len(todo), todo_images)
     done_images = 0
     folds: list[int] = []
+    started = time.perf_counter()
 
     def report(payload: dict[str, Any]) -> None:
         nonlocal done_images, folds
         folds = payload.get("folds", folds)
         done_images += len(payload["outputs"]) + len(payload["errors"])
-        rate = done_images / max(time.perf_counter() - t0, 1e-9)
-        log.info("predict: %d/%d images (%.1f img/s)", done_images, todo_images, rate)
+        seconds = time.perf_counter() - started
+        fig = progress_figures(total - todo_images + done_images, total, done_images, seconds)
+        log.info("predict: %s", fig.line())
         if progress:
-            progress(done_images, todo_images, rate)
+            progress(fig)
 
     if cfg.executor == "inline" or not todo:
         ensemble = load_ensemble(Store(cfg.models, cfg.storage), cfg.fold_list())
         folds = ensemble.folds
-        for shard in todo:
-            report(run_shard(ctx, ensemble, shard))
+        for ref in todo:  # one shard's items in memory at a time
+            report(run_shard(ctx, ensemble, read_shard(ctx.out, ref)))
     else:
         from segflow.predict.workers import run_on_ray
 

@@ -18,6 +18,7 @@ from typing import Any
 from segflow.cluster import connect_ray, cpu_count, gpus_per_task
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
+from segflow.predict.manifest import read_shard
 from segflow.predict.shard import ShardContext, run_shard, shard_marker
 from segflow.storage import StorageOptions, Store, sha256_json
 
@@ -103,7 +104,8 @@ def _shard_task(ctx: ShardContext, shard: Shard, cpus: int) -> Shard:
     import torch
 
     torch.set_num_threads(max(1, cpus))
-    return run_shard(ctx, ensemble_for(ctx.cfg), shard)
+    # the driver sends the shard's ref; its items are read here, one shard at a time
+    return run_shard(ctx, ensemble_for(ctx.cfg), read_shard(ctx.out, shard))
 
 
 def _remote(ctx: ShardContext, shard: Shard, res: WorkerResources):
