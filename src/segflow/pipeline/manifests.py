@@ -67,6 +67,8 @@ class ChoiceManifest(Manifest):
     oof_by_threshold: dict[str, float]
     oof_by_postprocess: dict[str, float]
     n_images: int
+    review_threshold: float | None = None  # needs_review cut on uncertainty, calibrated OOF
+    review: dict[str, Any] | None = None  # its OOF precision, recall, F1 (Calibration)
 
 
 class VersionManifest(Manifest):
