@@ -94,15 +94,13 @@ class RunColumns:
 
 @dataclass
 class TableStats:
-    """What the summary keeps while streaming the rows: counts, the most uncertain rows and
-    every score (for the histogram; 8 bytes per image)."""
+    """What the summary keeps while streaming the rows: counts and the most uncertain rows."""
 
     k: int
     n_rows: int = 0
     n_ok: int = 0
     n_review: int = 0
     top: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)  # min-heap
-    scores: list[float] = field(default_factory=list)
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
@@ -112,7 +110,6 @@ class TableStats:
             u = r["uncertainty"]
             if u is None or math.isnan(u):
                 continue
-            self.scores.append(u)
             entry = (u, r["id"], {c: r[c] for c in ("id", "source", "uncertainty", "mask")})
             if len(self.top) < self.k:
                 heapq.heappush(self.top, entry)
