@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--work", type=Path, default=None, help="keep the dataset and models here")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the folds")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not (args.data / "images").is_dir():
@@ -53,7 +55,16 @@ def main() -> int:
     from segflow.ingest import IngestConfig, ingest
 
     size = (args.size, args.size)
-    ingest(IngestConfig(layout="isic", source=str(args.data), dataset=dataset, size=size))
+    source = subset(args.data, args.limit, work / "subset") if args.limit else args.data
+    ingest(
+        IngestConfig(
+            layout="isic",
+            source=str(source),
+            dataset=dataset,
+            size=size,
+            allow_external_links=bool(args.limit),  # the subset is symlinks into --data
+        )
+    )
     t_ingest = time.perf_counter() - t0
 
     from segflow.train.config import TrainConfig
@@ -70,6 +81,7 @@ def main() -> int:
         executor="inline",
         early_stopping=None,
         cache_mb=512,
+        cpus_per_fold=args.threads,
     )
     train(cfg)
     t_train = time.perf_counter() - t0 - t_ingest
@@ -77,6 +89,7 @@ def main() -> int:
     figures.update(
         {
             "data": str(args.data),
+            "images": args.limit or "all",
             "size": args.size,
             "epochs": args.epochs,
             "folds": args.folds,
@@ -92,6 +105,19 @@ def main() -> int:
     )
     print(json.dumps(figures))
     return 0
+
+
+def subset(data: Path, n: int, folder: Path) -> Path:
+    """The first ``n`` images (by name) and their masks, as symlinks in ``folder``."""
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for img in sorted((data / "images").iterdir())[:n]:
+        mask = f"{img.stem}_segmentation.png"
+        for sub, name in (("images", img.name), ("masks", mask)):
+            link = folder / sub / name
+            if not link.exists():
+                link.symlink_to(data / sub / name)
+    return folder
 
 
 def measure(models_url: str, dataset_url: str) -> dict:

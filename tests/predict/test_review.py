@@ -160,7 +160,7 @@ def test_summary_table_has_every_column_and_a_row_per_input(models, tmp_path):
     bad = rows["ISIC_0000099"]
     assert bad["status"] == "rejected" and "unreadable" in bad["reason"]
     assert bad["source"].endswith("ISIC_0000099.jpg") and bad["uncertainty"] is None
-    dup = [r for r in table.to_pylist() if r["reason"] == "duplicate_id"]
+    dup = [r for r in table.to_pylist() if (r["reason"] or "").startswith("duplicate_id: ")]
     assert [d["source"].rsplit("/", 1)[-1] for d in dup] == ["ISIC_0000001.png"]
     with open(out / "summary.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))

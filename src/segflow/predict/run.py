@@ -280,7 +280,10 @@ def summarize(
     rejected = manifest.get("rejected", [])
     review = review_threshold(cfg.models, cfg.storage)
     run_cols = RunColumns(model_version, ctx.threshold, ctx.postprocess, review)
-    extra = [rejected_row(r["id"], input_url(cfg, r["file"]), r["reason"]) for r in rejected]
+    extra = [
+        rejected_row(r["id"], input_url(cfg, r["file"]), f"{r['reason']}: {r['detail']}")
+        for r in rejected
+    ]
     parts = (shard_table(s["shard"]) for s in shards)
     table = concatenate(out, parts, extra, run_cols, REVIEW_K)
     result = PredictResult(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import io
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +33,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from segflow.storage import Store
+
+log = logging.getLogger("segflow.predict")
 
 SUMMARY = "summary.parquet"
 SUMMARY_CSV = "summary.csv"
@@ -144,9 +147,18 @@ def concatenate(
                 pw.write_table(table)
                 cw.write_table(table)
 
+            missing = 0
             for rel in parts:
                 if out.exists(rel):
                     emit(pq.read_table(io.BytesIO(out.read_bytes(rel)), schema=SCHEMA))
+                else:
+                    missing += 1
+            if missing:
+                # shards finished by a segflow before the QA table: their rows come back when
+                # they run again (another model, threshold or TTA reruns every shard)
+                log.warning(
+                    "%d shards have no QA rows (predicted before the table existed)", missing
+                )
             if extra:
                 emit(pa.Table.from_pylist([_complete(r) for r in extra], schema=SCHEMA))
             if stats.n_rows == 0:
