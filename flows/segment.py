@@ -1,5 +1,5 @@
-"""segment_flow: bulk predict (one task run per shard) -> evaluate (when truth is given) ->
-crops."""
+"""segment_flow: bulk predict (one task run per shard) -> review gallery -> evaluate (when
+truth is given) -> crops."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from typing import Any
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from segflow.pipeline.artifacts import Progress, describe_run, publish_segmentation
+from segflow.pipeline.artifacts import (
+    Progress,
+    describe_run,
+    publish_review,
+    publish_segmentation,
+)
 from segflow.pipeline.config import FlowConfig
 from segflow.tasks.common import segflow_flow, start_flow
 from segflow.tasks.segment import (
@@ -17,6 +22,7 @@ from segflow.tasks.segment import (
     plan_shards,
     predict_shard,
     resolve_model_version,
+    review_predictions,
     summarize_predictions,
 )
 
@@ -33,9 +39,11 @@ def segment_flow(
     out_url: str,
     config: dict[str, Any] | None = None,
     layout: str | None = None,
+    review_k: int = 16,
 ) -> dict[str, Any]:
     """``layout``: how the source names its images (and crops and evaluation their masks);
-    ``config.predict.layout`` wins when given."""
+    ``config.predict.layout`` wins when given. ``review_k``: the most uncertain images the
+    ``review`` artifact shows."""
     cfg = FlowConfig.parse(config)
     cached = start_flow(out_url, cfg.storage)
 
@@ -56,6 +64,8 @@ def segment_flow(
         progress.update(done)
     shards = [f.result() for f in futures]
     summary = cached(summarize_predictions)(predict_cfg, plan, shards)
+    review = cached(review_predictions)(predict_cfg, summary, review_k)
+    publish_review(review, cfg.storage)
     evaluation = None
     if cfg.truth:
         evaluation = cached(evaluate_predictions)(
@@ -66,6 +76,7 @@ def segment_flow(
     return {
         "version": version.id,
         "predictions": summary.model_dump(),
+        "review": review.model_dump(),
         "evaluation": evaluation and evaluation.model_dump(),
         "crops": crops.model_dump(),
     }

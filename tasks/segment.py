@@ -10,6 +10,7 @@ from segflow.pipeline.manifests import (
     PredictionPlan,
     PredictionSummary,
     ResolvedVersion,
+    ReviewManifest,
     ShardManifest,
 )
 from segflow.predict.config import PredictConfig
@@ -44,6 +45,12 @@ def summarize_predictions(
 ) -> PredictionSummary:
     """Gather the shards' markers into predictions.json."""
     return stages.summarize_predictions(cfg, plan, shards)
+
+
+@stage_task("review-gallery", stages.review_key)
+def review_predictions(cfg: PredictConfig, summary: PredictionSummary, k: int) -> ReviewManifest:
+    """The k most uncertain images as an overlay grid, their scores, and a histogram."""
+    return stages.review_gallery(cfg, summary, k)
 
 
 @stage_task("evaluate-predictions", stages.evaluation_key)

@@ -89,12 +89,12 @@ def _options(config: Path | None, **flags: Any) -> dict[str, Any]:
 _VERSION_HELP = ServeConfig.model_fields["version"].description
 
 
-def _version_folder(models: str, version: str | None, storage) -> str:
-    """The run folder of ``version`` (default production, else latest) of a models URL with
-    versions/; a plain `segflow train` output is its own folder."""
+def _version(models: str, version: str | None, storage):
+    """``version`` (default production, else latest) of a models URL with versions/, with its
+    run folder; a plain `segflow train` output is its own folder."""
     from segflow.versions import resolve_version
 
-    return resolve_version(models, version, storage).models
+    return resolve_version(models, version, storage)
 
 
 def _require(opts: dict[str, Any], command: str, *names: str) -> None:
@@ -187,23 +187,42 @@ def train(
 )
 def predict(
     version: Annotated[str | None, typer.Option(help=_VERSION_HELP)] = None,
+    review_gallery: Annotated[
+        str | None,
+        typer.Option(
+            help="also write the most uncertain images as an overlay grid, their scores and "
+            "a histogram of uncertainty, with an index.html, into this folder"
+        ),
+    ] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     **opts: Any,
 ) -> None:
-    """Segment images with the fold ensemble + TTA; masks at the original resolution."""
+    """Segment images with the fold ensemble + TTA; masks at the original resolution, and the
+    per-image QA table summary.parquet / summary.csv."""
     from segflow.predict.run import predict as run_predict
 
     _setup_logging(as_json)
     cfg = PredictConfig.load(config, **opts, storage=_storage(endpoint_url))
-    cfg = cfg.model_copy(update={"models": _version_folder(cfg.models, version, cfg.storage)})
-    result = run_predict(cfg, progress=None if as_json else _progress_bar())
+    resolved = _version(cfg.models, version, cfg.storage)
+    cfg = cfg.model_copy(update={"models": resolved.models})
+    progress = None if as_json else _progress_bar()
+    result = run_predict(cfg, progress=progress, model_version=resolved.id)
+    if review_gallery:
+        from segflow.predict.review import write_gallery
+
+        gallery = write_gallery(
+            cfg.out, review_gallery, result.most_uncertain, cfg.storage, result.review_threshold
+        )
+        print(f"\nreview gallery: {gallery.index}", file=sys.stderr)
+    review = "not calibrated" if result.n_review is None else f"{result.n_review} images"
     human = (
         f"\n{result.n_images} masks in {result.out}/masks ({result.shards_run} of "
         f"{result.n_shards} shards run, {result.n_errors} errors; folds {result.folds}, "
         f"TTA {result.tta}, threshold {result.threshold:.2f}, post-processing "
-        f"{result.postprocess}; {result.images_per_s} img/s)"
+        f"{result.postprocess}; {result.images_per_s} img/s)\nQA table: {result.table} "
+        f"(needs_review: {review})"
     )
     _emit(result.to_dict(), as_json, human)
 

@@ -9,8 +9,15 @@ import pytest
 
 from segflow.crops import CropsResult
 from segflow.evaluate import EvaluationResult
-from segflow.pipeline.manifests import ChoiceManifest, CropsManifest, EvaluationManifest, Manifest
+from segflow.pipeline.manifests import (
+    ChoiceManifest,
+    CropsManifest,
+    EvaluationManifest,
+    Manifest,
+    ReviewManifest,
+)
 from segflow.predict.postprocess import Choice
+from segflow.predict.review import Gallery
 
 
 @pytest.mark.parametrize(
@@ -19,6 +26,7 @@ from segflow.predict.postprocess import Choice
         (EvaluationManifest, EvaluationResult),
         (CropsManifest, CropsResult),
         (ChoiceManifest, Choice),
+        (ReviewManifest, Gallery),
     ],
 )
 def test_manifest_fields_come_from_the_stage_result(manifest: type[Manifest], result: type) -> None:

@@ -21,9 +21,15 @@ from segflow.pipeline.manifests import (
     EvaluationManifest,
     OverlaysManifest,
     PredictionSummary,
+    ReviewManifest,
     VersionManifest,
 )
-from segflow.pipeline.report import fold_rows, run_description, training_markdown
+from segflow.pipeline.report import (
+    fold_rows,
+    review_markdown,
+    run_description,
+    training_markdown,
+)
 from segflow.progress import progress_figures
 from segflow.storage import StorageOptions, Store, redact
 
@@ -76,6 +82,7 @@ def publish_segmentation(
         "crops_empty": crops.n_empty,
         "threshold": summary.threshold,
         "postprocess": summary.postprocess,
+        "needs_review": summary.n_review,
     }
     if evaluation:
         row.update(
@@ -85,6 +92,18 @@ def publish_segmentation(
             link(evaluation.per_image_csv), link_text="per-image scores", key="evaluation"
         )
     create_table_artifact([row], key="segment-summary", description="bulk segmentation summary")
+
+
+def publish_review(review: ReviewManifest, storage: StorageOptions) -> None:
+    """The ``review`` artifact: the most uncertain images, their scores, the histogram."""
+    grid = _read_url(review.grid, storage)
+    hist = _read_url(review.histogram, storage)
+    create_markdown_artifact(
+        review_markdown(review.items, grid, hist, review.n_review, review.n_images),
+        key="review",
+        description=f"the {len(review.items)} most uncertain images of this run",
+    )
+    create_link_artifact(link(review.index), link_text="review gallery", key="review-gallery")
 
 
 class Progress:

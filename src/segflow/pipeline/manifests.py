@@ -67,6 +67,8 @@ class ChoiceManifest(Manifest):
     oof_by_threshold: dict[str, float]
     oof_by_postprocess: dict[str, float]
     n_images: int
+    review_threshold: float | None = None  # needs_review cut on uncertainty, calibrated OOF
+    review: dict[str, Any] | None = None  # its OOF precision, recall, F1 (Calibration)
 
 
 class VersionManifest(Manifest):
@@ -146,6 +148,23 @@ class PredictionSummary(Manifest):
     threshold: float
     postprocess: str
     errors: list[dict[str, str]]
+    table: str | None = None  # the per-image QA table (summary.parquet; summary.csv beside it)
+    n_review: int | None = None  # rows flagged needs_review (None: the version has no calibration)
+    review_threshold: float | None = None
+    most_uncertain: list[dict[str, Any]] = []  # id, source, uncertainty, mask; top first
+
+
+class ReviewManifest(Manifest):
+    """The review gallery of a segment run (``segflow.predict.review.Gallery``)."""
+
+    folder: str
+    grid: str
+    histogram: str
+    index: str
+    items: list[dict[str, Any]]
+    n_images: int
+    n_review: int | None
+    review_threshold: float | None
 
 
 class EvaluationManifest(Manifest):
@@ -190,6 +209,7 @@ REGISTRY: dict[str, type[Manifest]] = {
         PredictionPlan,
         ShardManifest,
         PredictionSummary,
+        ReviewManifest,
         EvaluationManifest,
         CropsManifest,
     )

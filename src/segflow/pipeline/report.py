@@ -82,18 +82,23 @@ def overlay_grid(
     rows = sorted(r for p in oof_files for r in json.loads(run.fs.cat_file(p))["rows"])
     picked = [rows[i] for i in np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
     tiles = [
-        _overlay(group["images"][r], group["masks"][r] > 0, probs[r] >= threshold * 255)
+        overlay_tile(group["images"][r], group["masks"][r] > 0, probs[r] >= threshold * 255)
         for r in picked
     ]
     return _png(_grid(tiles, cols))
 
 
-def _overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def overlay_tile(image: np.ndarray, outline: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """A TILE x TILE overlay: ``pred`` filled (tinted red), ``outline``'s contour in green
+    (the truth's for OOF; the prediction's own for the review gallery)."""
     out = image.astype(np.float32)
     out[pred] = 0.55 * out[pred] + 0.45 * np.array([255, 0, 0])
-    out[_outline(truth)] = (0, 255, 0)
+    out[_outline(outline)] = (0, 255, 0)
     tile = Image.fromarray(out.astype(np.uint8)).resize((TILE, TILE), Image.NEAREST)
     return np.asarray(tile)
+
+
+_overlay = overlay_tile  # the name segflow.gate imports
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -103,6 +108,11 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     inner[:, 1:] &= mask[:, :-1]
     inner[:, :-1] &= mask[:, 1:]
     return mask & ~inner
+
+
+def tile_grid(tiles: list[np.ndarray], cols: int = 4) -> bytes:
+    """PNG of ``tiles`` (each TILE x TILE x 3), ``cols`` per row."""
+    return _png(_grid(tiles, cols))
 
 
 def _grid(tiles: list[np.ndarray], cols: int) -> np.ndarray:
@@ -180,4 +190,55 @@ def run_description(kind: str, data: dict[str, Any], config: dict[str, Any]) -> 
     lines = [f"# {kind} run", ""]
     lines += [f"* {k}: `{v}`" for k, v in data.items()]
     lines += ["", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
+    return "\n".join(lines)
+
+
+def histogram_png(scores: np.ndarray, cut: float | None, what: str = "uncertainty") -> bytes:
+    """PNG histogram of a run's per-image ``scores``, with the review cut marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+    try:
+        ax.hist(scores, bins=40, range=(0.0, max(1e-6, float(np.max(scores, initial=0.0)))))
+        if cut is not None:
+            ax.axvline(cut, color="red", linestyle="--", label=f"needs_review >= {cut:.3f}")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_xlabel(what)
+        ax.set_ylabel("images")
+        ax.set_title(f"{what} of {len(scores)} images", fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def review_markdown(
+    items: list[dict[str, Any]], grid: bytes, hist: bytes, n_review: int | None, n: int
+) -> str:
+    """The ``review`` artifact: the most uncertain images (grid, ids, scores) and the
+    histogram of the run's uncertainty."""
+    flagged = "not calibrated" if n_review is None else f"{n_review} of {n} images"
+    lines = [
+        f"# The {len(items)} most uncertain images",
+        "",
+        f"* needs_review: {flagged}",
+        "",
+        "Red: the predicted mask; green: its contour at the threshold. Row by row, most "
+        "uncertain first.",
+        "",
+        embed_png(grid, "most uncertain images"),
+        "",
+        "| rank | id | uncertainty | source |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {i} | {it['id']} | {it['uncertainty']:.4f} | {it['source']} |"
+        for i, it in enumerate(items, start=1)
+    ]
+    lines += ["", "## Uncertainty of the run", "", embed_png(hist, "uncertainty histogram")]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from segflow.pipeline.manifests import (
     PredictionPlan,
     PredictionSummary,
     ResolvedVersion,
+    ReviewManifest,
     ShardEntry,
     ShardManifest,
     TrainingPlan,
@@ -300,7 +301,7 @@ def summarize_predictions(
     if missing:
         raise RuntimeError(f"shards {missing[:10]} of {cfg.out} have no done-marker")
     ctx = ShardContext(cfg, plan.threshold, plan.postprocess)
-    res = summarize(ctx, full, plan.folds or [], 0, 0, time.perf_counter() - t0)
+    res = summarize(ctx, full, plan.folds or [], 0, 0, time.perf_counter() - t0, plan.version)
     return PredictionSummary(
         out=res.out,
         masks=out.uri("masks"),
@@ -313,8 +314,26 @@ def summarize_predictions(
         threshold=res.threshold,
         postprocess=res.postprocess,
         errors=res.errors,
+        table=res.table,
+        n_review=res.n_review,
+        review_threshold=res.review_threshold,
+        most_uncertain=res.most_uncertain,
         hash=sha256_json([s.hash for s in shards]),
     )
+
+
+def review_key(summary: PredictionSummary, k: int) -> str:
+    return task_key("review", summary.hash, summary.review_threshold, k)
+
+
+def review_gallery(cfg: PredictConfig, summary: PredictionSummary, k: int) -> ReviewManifest:
+    """The ``k`` most uncertain images of the run as a gallery under ``<out>/review/``."""
+    from segflow.predict.review import REVIEW_DIR, write_gallery
+
+    dest = Store(cfg.out, cfg.storage).uri(REVIEW_DIR)
+    items = summary.most_uncertain[:k]
+    g = write_gallery(cfg.out, dest, items, cfg.storage, summary.review_threshold)
+    return _manifest(ReviewManifest, g.__dict__)
 
 
 def evaluation_key(

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from segflow.errors import InputError
-from segflow.predict.tta import tta_mean
+from segflow.predict.tta import tta_views
+from segflow.predict.uncertainty import view_disagreement
 from segflow.storage import Store
 from segflow.train.model import ModelSpec, load_model, load_spec, normalise, resize_input
 
@@ -31,22 +32,38 @@ class Ensemble:
     def spec(self) -> ModelSpec:
         return self.specs[0]
 
-    @torch.no_grad()
     def predict(self, images: np.ndarray, tta: str) -> np.ndarray:
         """uint8 (B, H, W, 3) frames at the dataset size -> float32 (B, H, W) probabilities."""
+        return self.predict_scored(images, tta, score=False)[0]
+
+    @torch.no_grad()
+    def predict_scored(
+        self, images: np.ndarray, tta: str, score: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`predict`, plus each image's uncertainty (float32 (B,), see
+        :mod:`segflow.predict.uncertainty`; ``None`` with a single view). Every fold's TTA
+        views stay on the device; only the mean and B scores come back."""
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
         frame = tuple(x.shape[-2:])
         total = torch.zeros((x.shape[0], 1, *frame), device=self.device)
+        kept: list[torch.Tensor] = []
         for model, spec in zip(self.models, self.specs, strict=True):
             xi = _prepare(x, spec)
             with torch.autocast(
                 self.device.type, self.amp_dtype or torch.float32, self.amp_dtype is not None
             ):
-                p = tta_mean(model, xi, tta)
-            if tuple(p.shape[-2:]) != frame:
-                p = F.interpolate(p, size=frame, mode="bilinear", align_corners=False)
-            total += p
-        return (total / len(self.models))[:, 0].float().cpu().numpy()
+                views = tta_views(model, xi, tta)  # (V, B, 1, h, w)
+            if tuple(views.shape[-2:]) != frame:
+                v, b = views.shape[:2]
+                views = F.interpolate(
+                    views.flatten(0, 1), size=frame, mode="bilinear", align_corners=False
+                ).unflatten(0, (v, b))
+            total += views.mean(0)
+            if score:
+                kept.append(views[:, :, 0])
+        probs = (total / len(self.models))[:, 0].float().cpu().numpy()
+        scores = view_disagreement(torch.cat(kept)) if score else None
+        return probs, None if scores is None else scores.float().cpu().numpy()
 
 
 def _prepare(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

@@ -18,7 +18,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import zip_longest
 from typing import Any
 
@@ -28,6 +28,7 @@ from segflow.errors import DatasetError, InputError
 from segflow.geometry import Placement, from_frame
 from segflow.masks import fill_holes, largest_component
 from segflow.metrics import TJ_THRESHOLD
+from segflow.predict.uncertainty import calibrate_oof
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.predict")
@@ -60,8 +61,15 @@ def full_size_mask(
     original size. The probabilities are resized back before the threshold, so the mask's
     edges follow the bilinear probability surface instead of blocky frame pixels. The batch
     predictor and the server both call this: a served mask equals the batch one."""
+    return full_size(prob, placement, threshold, method)[1]
+
+
+def full_size(
+    prob: np.ndarray, placement: Placement, threshold: float, method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`full_size_mask` and the probabilities at the original size it was cut from."""
     full = from_frame(prob.astype(np.float32), placement, nearest=False)
-    return postprocess(full >= threshold, method)
+    return full, postprocess(full >= threshold, method)
 
 
 # -- the choice -----------------------------------------------------------------------------------
@@ -73,6 +81,9 @@ class Choice:
     oof_by_threshold: dict[str, float]  # "0.30" -> mean thresholded Jaccard, postprocess none
     oof_by_postprocess: dict[str, float]  # method -> mean TJ at the chosen threshold
     n_images: int
+    # needs_review = uncertainty >= review_threshold, calibrated on OOF (None: not calibrated)
+    review_threshold: float | None = None
+    review: dict[str, Any] | None = None  # segflow.predict.uncertainty.Calibration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,6 +305,16 @@ def choose_from_models(models_url: str, dataset_url: str, storage=None) -> Choic
     rows = _scorable(rows, group, probs.shape[0], models_url, dataset_url)
     masks: zarr.Array = group["masks"]  # type: ignore[assignment]
     choice = choose(_Rows(probs, rows), _Rows(masks, rows))
+    t, method = choice.threshold, choice.postprocess
+    review = calibrate_oof(
+        models,
+        rows,
+        _Rows(probs, rows),
+        _Rows(masks, rows),
+        lambda p: postprocess(p / 255 >= t, method),
+    )
+    if review is not None:
+        choice = replace(choice, review_threshold=review.threshold, review=review.to_dict())
     models.write_json(CHOICE_FILE, choice.to_dict())
     log.info(
         "post-processing chosen on %d OOF images: threshold %.2f, %s (OOF TJ %.4f)",
@@ -324,6 +345,24 @@ def resolve_choice(
         threshold = choice["threshold"] if threshold == "auto" else threshold
         method = choice["postprocess"] if method == "auto" else method
     return float(threshold), str(method)
+
+
+def review_threshold(models_url: str, storage: StorageOptions | None = None) -> float | None:
+    """The version's calibrated ``needs_review`` cut on uncertainty; ``None`` (logged) for a
+    version chosen before the calibration existed, or with no choice at all."""
+    models = Store(models_url, storage)
+    found = (
+        models.read_json(CHOICE_FILE).get("review_threshold")
+        if models.exists(CHOICE_FILE)
+        else None
+    )
+    if found is None:
+        log.info(
+            "models %s have no calibrated review threshold (trained before it existed): "
+            "needs_review stays empty; retrain to calibrate it",
+            models.url,
+        )
+    return None if found is None else float(found)
 
 
 def _oof_rows(models: Store) -> list[int]:

@@ -34,8 +34,9 @@ from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import load_ensemble
 from segflow.predict.manifest import Item, ShardRef, plan, read_shard
 from segflow.predict.outputs import RECORD, mask_layout, mask_name
-from segflow.predict.postprocess import resolve_choice
+from segflow.predict.postprocess import resolve_choice, review_threshold
 from segflow.predict.shard import MANIFEST, SHARDS, ShardContext, run_shard, shard_marker
+from segflow.predict.table import SUMMARY, RunColumns, concatenate, rejected_row
 from segflow.progress import ProgressFigures, progress_figures
 from segflow.storage import FileInfo, StorageOptions, Store, sha256_json
 
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("segflow.predict")
+REVIEW_K = 16  # the most uncertain images a run lists (and its review gallery shows)
 _MASK_HINT = re.compile("_segmentation|_mask|_superpixels", re.IGNORECASE)
 
 
@@ -75,6 +77,11 @@ class PredictResult:
     n_rejected: int = 0  # inputs not predicted (duplicate_id)
     errors: list[dict[str, str]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)  # {file, id, reason, detail}
+    model_version: str | None = None
+    table: str | None = None  # the per-image QA table, summary.parquet (+ summary.csv)
+    n_review: int | None = None  # rows flagged needs_review (None: no calibration)
+    review_threshold: float | None = None
+    most_uncertain: list[dict[str, Any]] = field(default_factory=list)  # REVIEW_K, top first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,7 +213,9 @@ def pending_shards(cfg: PredictConfig, shards: list[ShardRef]) -> list[ShardRef]
 
 
 def predict(
-    cfg: PredictConfig, progress: Callable[[ProgressFigures], None] | None = None
+    cfg: PredictConfig,
+    progress: Callable[[ProgressFigures], None] | None = None,
+    model_version: str | None = None,
 ) -> PredictResult:
     """``progress`` gets the count, rate and ETA over the whole archive as each shard ends."""
     t0 = time.perf_counter()
@@ -238,7 +247,8 @@ def predict(
         from segflow.predict.workers import run_on_ray
 
         run_on_ray(ctx, todo, report)
-    return summarize(ctx, shards, folds, len(todo), done_images, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return summarize(ctx, shards, folds, len(todo), done_images, seconds, model_version)
 
 
 def summarize(
@@ -248,13 +258,25 @@ def summarize(
     shards_run: int,
     images_run: int,
     seconds: float,
+    model_version: str | None = None,
 ) -> PredictResult:
-    """Gather the shards' markers into ``predictions.json`` (written last)."""
+    """Gather the shards' markers into ``predictions.json`` (written last), and their rows
+    into the QA table (``summary.parquet`` + ``summary.csv``, :mod:`segflow.predict.table`)."""
+    from segflow.predict.shard import input_url, shard_table
+
     cfg, out = ctx.cfg, ctx.out
     manifest = out.read_json(MANIFEST) if out.exists(MANIFEST) else {}
     markers = [out.read_marker(shard_marker(s["shard"])) or {} for s in shards]
     errors = [e for m in markers for e in m.get("errors", [])]
     rejected = manifest.get("rejected", [])
+    review = review_threshold(cfg.models, cfg.storage)
+    run_cols = RunColumns(model_version, ctx.threshold, ctx.postprocess, review)
+    extra = [
+        rejected_row(r["id"], input_url(cfg, r["file"]), f"{r['reason']}: {r.get('detail', '')}")
+        for r in rejected
+    ]
+    parts = (shard_table(s["shard"]) for s in shards)
+    table = concatenate(out, parts, extra, run_cols, REVIEW_K)
     result = PredictResult(
         out=out.url,
         n_images=sum(len(m.get("outputs", [])) for m in markers),
@@ -271,6 +293,11 @@ def summarize(
         n_rejected=len(rejected),
         errors=errors[:100],
         rejected=rejected[:100],
+        model_version=model_version,
+        table=out.uri(SUMMARY),
+        n_review=None if review is None else table.n_review,
+        review_threshold=review,
+        most_uncertain=table.most_uncertain(),
     )
     out.write_json(RECORD, {**result.to_dict(), "config": cfg.public_dict()})
     return result

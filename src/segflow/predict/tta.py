@@ -31,18 +31,27 @@ def invert(y: torch.Tensor, view: View) -> torch.Tensor:
     return torch.rot90(y, -k, dims=(-2, -1)) if k else y
 
 
-def tta_mean(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str):
-    """Mean over the views of ``mode`` of ``sigmoid(model(view(x)))``, mapped back."""
+def tta_views(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """``sigmoid(model(view(x)))`` of every view of ``mode``, mapped back: float32
+    (V, B, 1, H, W) on ``x``'s device, in the order of :data:`TTA_MODES` (view 0 is the
+    identity). The views stay on the device: the uncertainty score reduces them there."""
     if mode not in TTA_MODES:
         raise ValueError(f"unknown TTA mode {mode!r}; allowed: {sorted(TTA_MODES)}")
     views = TTA_MODES[mode]
-    by_shape: dict[tuple[int, ...], list[View]] = {}
-    for v in views:
-        by_shape.setdefault(tuple(apply(x[:1], v).shape), []).append(v)
-    total = torch.zeros((x.shape[0], 1, *x.shape[-2:]), device=x.device, dtype=torch.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, v in enumerate(views):
+        by_shape.setdefault(tuple(apply(x[:1], v).shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(views)
     for group in by_shape.values():
-        batch = torch.cat([apply(x, v) for v in group])
+        batch = torch.cat([apply(x, views[i]) for i in group])
         probs = torch.sigmoid(model(batch).float())
-        for i, v in enumerate(group):
-            total += invert(probs[i * len(x) : (i + 1) * len(x)], v)
-    return total / len(views)
+        for j, i in enumerate(group):
+            out[i] = invert(probs[j * len(x) : (j + 1) * len(x)], views[i])
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def tta_mean(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str):
+    """Mean over the views of ``mode`` of ``sigmoid(model(view(x)))``, mapped back."""
+    return tta_views(model, x, mode).mean(0)

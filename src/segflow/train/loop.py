@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from segflow.cluster import cpu_count
 from segflow.dataset import Dataset
 from segflow.metrics import per_image_scores
+from segflow.predict.tta import tta_views
+from segflow.predict.uncertainty import OOF_TTA, view_disagreement
 from segflow.storage import Store
 from segflow.train.augment import AugmentConfig, augment_batch
 from segflow.train.config import TrainConfig
@@ -515,18 +517,22 @@ def write_oof(run: Run, data: FoldData, dataset: Dataset) -> None:
     probs = zarr.open_array(
         Store(run.cfg.models, run.cfg.storage).zarr_store(), path="oof.zarr/probs", mode="r+"
     )
+    scores: list[float] = []  # per-image TTA-view disagreement, in the order of data.rows
     for images, masks, rows in data.batches(run.cfg.batch_size):
         x, _ = to_device(run, images, masks)
         with torch.autocast(
             run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None
         ):
-            p = torch.sigmoid(run.model(normalise(run, x)).float())
+            views = tta_views(run.model, normalise(run, x), OOF_TTA)
+        p = views[0]  # the identity view: the OOF probabilities as before
+        scores += view_disagreement(views[:, :, 0]).cpu().tolist()  # calibrates needs_review
         if p.shape[-2:] != tuple(dataset.size):
             p = F.interpolate(p, size=tuple(dataset.size), mode="bilinear", align_corners=False)
         out = (p[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
         for row, prob in zip(rows.tolist(), out, strict=True):
             probs[row] = prob
-    run.out.write_json("oof.json", {"rows": [int(r) for r in data.rows], "scale": 1 / 255})
+    oof = {"rows": [int(r) for r in data.rows], "scale": 1 / 255, "uncertainty": scores}
+    run.out.write_json("oof.json", oof)
 
 
 def ensure_oof_array(models: Store, dataset: Dataset) -> None:
