@@ -188,3 +188,26 @@ def test_training_report_shows_the_plan():
     assert "plan for 25 min: timm-tf_efficientnet_lite0 at" in text
     assert "2000 labelled images, median original 2000x3000" in text
     assert "step times" in text and plan_lines(None) == []
+
+
+def test_rerun_ignores_a_recorded_deadline_long_past(local, tiny_dataset, monkeypatch):
+    """A flow whose prepare step is cached reruns a fold a day later: the fold must train
+    its planned epochs, not stop at the deadline its first run recorded."""
+    import segflow.train.plan as plan_module
+    from segflow.train.run import prepare_run, run_fold
+
+    monkeypatch.setattr(
+        plan_module, "TorchStepTimer", lambda cfg: FixedStepTimer(train_s_per_mpixel=50.0)
+    )
+    models = f"{local.base}/m"
+    cfg = small_config(tiny_dataset, models, local.storage, time_budget="1h", fold_ids=[0])
+    prepare_run(cfg)
+    m = Store(models, local.storage)
+    record = m.read_json("train_config.json")
+    # yesterday's run, as an older segflow recorded it; 2 epochs keep the test short
+    record.update(deadline=time.time() - 86400, epochs=2)
+    record["plan"].update(epochs=2, warmup_epochs=0)
+    m.write_json("train_config.json", record)
+    fold = run_fold(cfg, 0)
+    assert fold.status == "done" and fold.stopped_by is None
+    assert fold.epochs_run == 2
