@@ -188,3 +188,60 @@ def test_training_report_shows_the_plan():
     assert "plan for 25 min: timm-tf_efficientnet_lite0 at" in text
     assert "2000 labelled images, median original 2000x3000" in text
     assert "step times" in text and plan_lines(None) == []
+
+
+def test_rerun_ignores_a_recorded_deadline_long_past(local, tiny_dataset, monkeypatch):
+    """A flow whose prepare step is cached reruns a fold a day later: the fold must train
+    its planned epochs, not stop at the deadline its first run recorded."""
+    import segflow.train.plan as plan_module
+    from segflow.train.run import prepare_run, run_fold
+
+    monkeypatch.setattr(
+        plan_module, "TorchStepTimer", lambda cfg: FixedStepTimer(train_s_per_mpixel=50.0)
+    )
+    models = f"{local.base}/m"
+    cfg = small_config(tiny_dataset, models, local.storage, time_budget="1h", fold_ids=[0])
+    prepare_run(cfg)
+    m = Store(models, local.storage)
+    record = m.read_json("train_config.json")
+    # yesterday's run, as an older segflow recorded it; 2 epochs keep the test short
+    record.update(deadline=time.time() - 86400, epochs=2)
+    record["plan"].update(epochs=2, warmup_epochs=0)
+    m.write_json("train_config.json", record)
+    fold = run_fold(cfg, 0)
+    assert fold.status == "done" and fold.stopped_by is None
+    assert fold.epochs_run == 2
+
+
+def _delete_source_mask(dataset, row: int, storage) -> None:
+    import posixpath
+
+    folder, name = posixpath.split(str(dataset.group["mask_sources"][row]))
+    Store(folder, storage).delete(name)
+
+
+def test_missing_source_masks_leave_the_fold_done(local):
+    """A source mask deleted after ingest: its row is unreadable, the fold still finishes; with
+    every source gone the fold reports its training-resolution scores, labelled so."""
+    from segflow.dataset import Dataset
+    from segflow.train.fullres import seconds_per_image
+
+    url, _ = _dataset_with_large_masks(local)
+    dataset = Dataset(Store(url, local.storage))
+    _delete_source_mask(dataset, 0, local.storage)
+    assert seconds_per_image(dataset, local.storage) >= 0  # the planner measures the rest
+    models = f"{local.base}/m1"
+    result = train(small_config(url, models, local.storage, epochs=1, fold_ids=[0, 1]))
+    assert [f.status for f in result.folds] == ["done", "done"], [f.error for f in result.folds]
+    assert all(f.resolution == "original" for f in result.folds)
+    m = Store(models, local.storage)
+    unreadable = [m.read_json(f"fold-{k}/scores.json")["original"]["n_unreadable"] for k in (0, 1)]
+    assert sorted(unreadable) == [0, 1]  # row 0 validates in one fold
+
+    for row in range(1, dataset.n):
+        _delete_source_mask(dataset, row, local.storage)
+    assert seconds_per_image(dataset, local.storage) >= 0
+    models = f"{local.base}/m2"
+    fold = train(small_config(url, models, local.storage, epochs=1, fold_ids=[0])).folds[0]
+    assert fold.status == "done", fold.error
+    assert fold.resolution == "training" and fold.dice == fold.training_scores["dice"]

@@ -29,15 +29,20 @@ import numpy as np
 
 from segflow.cluster import cpu_count
 from segflow.dataset import Dataset
+from segflow.errors import SegflowError
 from segflow.evaluate import _score
 from segflow.geometry import Placement, place
-from segflow.imaging import Rejected, decode_mask, mask_to_frame
+from segflow.imaging import decode_mask, mask_to_frame
 from segflow.predict.postprocess import full_size_mask
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.train")
 
 MAX_PIXELS = 178_956_970  # the decoders' limit (ingest's default --max-pixels)
+MAX_THREADS = 4  # each holds a decoded source (up to MAX_PIXELS) and its float32 full-size map
+#: what reading or decoding one source mask may raise (missing: StorageError, a SegflowError;
+#: bad bytes: Rejected; odd sizes: ValueError): the row is unreadable, the fold goes on
+UNREADABLE = (SegflowError, ValueError, OSError)
 RESOLUTION_ORIGINAL = "original"
 RESOLUTION_FRAME = "training"
 METRICS = ("dice", "jaccard", "thresholded_jaccard")
@@ -91,21 +96,28 @@ def fold_scores(
     storage: StorageOptions | None = None,
 ) -> dict[str, Any] | None:
     """Mean Dice, Jaccard and thresholded Jaccard of ``rows`` at the original resolution
-    (``probs[row]``: the OOF frame); ``None`` when no row has a source mask. A row whose
+    (``probs[row]``: the OOF frame); ``None`` when no row has a source mask or none could be
+    read (the caller then reports the training-resolution scores, labelled so). A row whose
     source cannot be read is counted in ``n_unreadable`` and left out of the means."""
     unreadable: list[int] = []
 
     def one(row: int) -> dict[str, float] | None:
         try:
             return score_row(dataset, row, np.asarray(probs[row]), threshold, storage)
-        except (Rejected, OSError) as e:
+        except UNREADABLE as e:
             log.warning("row %d: source mask not scored at full resolution: %s", row, e)
             unreadable.append(row)
             return None
 
-    with ThreadPoolExecutor(max(1, cpu_count())) as pool:  # PIL decodes and resizes off the GIL
+    # PIL decodes and resizes off the GIL; few threads, as each may hold a huge source
+    with ThreadPoolExecutor(max(1, min(cpu_count(), MAX_THREADS))) as pool:
         scored = [s for s in pool.map(one, [int(r) for r in rows]) if s is not None]
     if not scored:
+        if unreadable:
+            log.warning(
+                "no source mask of %d row(s) could be read: training-resolution scores only",
+                len(unreadable),
+            )
         return None
     return {
         "resolution": RESOLUTION_ORIGINAL,
@@ -128,6 +140,6 @@ def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: 
     for r in rows:
         try:
             score_row(dataset, r, empty, 0.5, storage)
-        except (Rejected, OSError):
+        except UNREADABLE:
             continue
     return (time.perf_counter() - t0) / len(rows)

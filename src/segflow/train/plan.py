@@ -504,11 +504,16 @@ class RayStepTimer:
 
 def recorded(cfg: TrainConfig, record: Mapping[str, Any] | None) -> TrainConfig:
     """``cfg`` with the plan of a run's ``train_config.json`` (``record``) when both ask for
-    the same budget: every fold, and every rerun, trains the plan that was measured once."""
+    the same budget: every fold, and every rerun, trains the plan that was measured once.
+
+    Never the record's ``deadline``: an absolute time bounds only the run that set it (in
+    memory). A later run reading it back (a cached prepare, a retried fold) would get a
+    deadline long past and stop at once; each fold bounds itself by ``plan["fold_s"]`` from
+    its own start (``segflow.train.loop.Deadline``)."""
     if not cfg.time_budget or cfg.plan is not None or not record or not record.get("plan"):
         return cfg
     if record.get("time_budget") != cfg.time_budget or record.get("dataset") != cfg.dataset:
         return cfg
     update = {k: record[k] for k in PLANNED_FIELDS}
     update["size"] = tuple(update["size"])
-    return cfg.model_copy(update={**update, "deadline": record.get("deadline")})
+    return cfg.model_copy(update=update)

@@ -42,8 +42,12 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     cfg = pin_init(cfg)  # every fold warm-starts from the same version, even if production moves
+    started = time.time()  # a --time-budget counts from here (prepare_run plans after it)
     fold_ids = prepare_run(cfg)
     cfg = with_plan(cfg)  # the plan prepare_run recorded, if it made one
+    if cfg.plan is not None and cfg.time_budget:
+        # this run's end, in memory only: a stored absolute time would bound later runs too
+        cfg = cfg.model_copy(update={"deadline": started + parse_budget(cfg.time_budget)})
     if cfg.executor == "inline":
         results = [_guarded(cfg, f) for f in fold_ids]
     else:
@@ -75,7 +79,8 @@ def prepare_run(cfg: TrainConfig) -> list[int]:
     groups = [str(g) for g in dataset.column("groups")]
     load_or_create_splits(models, dataset.ids, groups, cfg.folds, cfg.seed)
     ensure_oof_array(models, dataset)
-    models.write_json(RECORD, cfg.public_dict())
+    # without the deadline: it bounds this run only (see segflow.train.plan.recorded)
+    models.write_json(RECORD, cfg.model_copy(update={"deadline": None}).public_dict())
     return fold_ids
 
 

@@ -44,6 +44,10 @@ TRAINING_FILES = (
 )
 
 Differences = dict[str, tuple[Any, Any]]  # field -> (saved value, requested value)
+#: what the network is built with but derived, not a config field: ``size=None`` means
+#: ``default_size`` of the day, ``encoder_weights="auto"`` the encoder's packaged weights, so
+#: equal config fields may still build another network than the fold's saved config.json
+DERIVED = ("input_size", "encoder_weights")
 
 
 class ConfigMismatchError(ConfigError):
@@ -109,11 +113,12 @@ def differences(cfg: TrainConfig, fold: Store, spec: ModelSpec) -> Differences:
             return _spec_differences(saved, spec)
         defaults = {k: f.default for k, f in type(cfg).model_fields.items()}
         # a field added to TrainConfig after the fold was saved had its default then
-        return {
+        diff = {
             k: (saved.get(k, defaults.get(k)), v)
             for k, v in asked.items()
             if saved.get(k, defaults.get(k)) != v
         }
+        return {**diff, **_derived_differences(fold, spec)}
     if fold.exists(SPEC):
         return _spec_differences(fold.read_json(SPEC), spec)
     return {}
@@ -123,6 +128,19 @@ def _spec_fields(spec: ModelSpec) -> dict[str, Any]:
     fields = spec.model_dump(mode="json")
     fields.pop("segflow_version")  # which segflow wrote it does not change the weights
     return fields
+
+
+def _derived_differences(fold: Store, spec: ModelSpec) -> Differences:
+    """The fold's saved config.json against ``spec`` on :data:`DERIVED` (those it holds)."""
+    if not fold.exists(SPEC):
+        return {}
+    saved, asked = fold.read_json(SPEC), _spec_fields(spec)
+    if saved.get("encoder_weights") == "auto":  # as resolved when that fold was built
+        from segflow.train.weights import NAMED_SOURCES
+
+        encoder = saved.get("encoder")
+        saved["encoder_weights"] = next((n for n, e in NAMED_SOURCES.items() if e == encoder), None)
+    return {k: (saved[k], asked[k]) for k in DERIVED if k in saved and saved[k] != asked[k]}
 
 
 def _spec_differences(saved: dict[str, Any], spec: ModelSpec) -> Differences:
