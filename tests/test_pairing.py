@@ -423,3 +423,44 @@ def test_evaluate_command_line_takes_the_pairing_flags(local):
     bad = ["--image-pattern", r"(?P<id>\d+)_test\.tif", "--mask-template", "{id}.gif"]
     res = CliRunner().invoke(app, [*args, *bad])
     assert isinstance(res.exception, PairingError) and "matches none of" in str(res.exception)
+
+
+# -- ids that cannot name an output -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bad",
+    ["", " ", "../x", "a/../../x", "a/..", "/abs", "\\abs", "a//b", "a\x00b", "a\nb", "..\\x"],
+)
+def test_id_problem_refuses_ids_that_would_leave_or_break_the_output(bad):
+    from segflow.pairing import id_problem
+
+    assert id_problem(bad)
+
+
+@pytest.mark.parametrize("good", ["01", "sub/a", "ISIC_0000001", "a..b", "x.y"])
+def test_id_problem_allows_ids_with_sub_folders(good):
+    from segflow.pairing import id_problem
+
+    assert id_problem(good) is None
+
+
+def test_bad_ids_from_a_pairs_csv_or_a_pattern_are_dropped_with_a_reason(local):
+    """An id with '..' (or a leading /, or empty) would fail the shard's mask writer on every
+    retry: pairing drops its row with the reason and keeps the others."""
+    from segflow.pairing import list_images
+
+    root = local.store("src")
+    for name in ("a.png", "b.png", "c.png", "_x.png"):
+        root.write_bytes(name, png_bytes(coded_pair(0, H, W)[0]))
+    rows = "image,id\na.png,../../etc/a\nb.png,/abs\nc.png,sub/c\n"
+    root.write_bytes("pairs.csv", rows.encode())
+    found, dropped = list_images(root.url, None, "*", None, root.uri("pairs.csv"))
+    assert [(i, rel) for i, rel, _ in found] == [("sub/c", "c.png")]
+    assert {d["id"]: d["reason"] for d in dropped} == {
+        "../../etc/a": "unreadable",
+        "/abs": "unreadable",
+    }
+    assert "'..' part" in dropped[0]["detail"] and "line 2" in dropped[0]["detail"]
+    found, dropped = list_images(root.url, None, "*", r"(?P<id>[a-z]*)_?x?\.png", None)
+    assert sorted(i for i, _, _ in found) == ["a", "b", "c"]
+    assert [(d["id"], d["file"]) for d in dropped] == [("", root.uri("_x.png"))]
+    assert "empty" in dropped[0]["detail"]

@@ -158,3 +158,21 @@ def test_s3_listing_is_paginated(s3_endpoint):
     assert all(c.get("ContinuationToken") for c in calls[1:])
     rels = [f.rel for p in [first, *rest] for f in p]
     assert rels == sorted(rels) and rels[0] == "img/00000.jpg" and len(set(rels)) == 10_000
+
+
+@pytest.mark.s3
+def test_s3_single_object_store_lists_itself(s3_endpoint):
+    """A Store whose URL names one object (a pairs CSV on S3) lists that object, like a local
+    file: rewriting it changes listing_hash, so the ingest/plan cache keys see the edit."""
+    from segflow.pipeline.keys import listing_hash
+    from tests.conftest import make_bucket
+
+    bucket = make_bucket(s3_endpoint)
+    opts = StorageOptions(endpoint_url=s3_endpoint)
+    Store(f"s3://{bucket}/x", opts).write_bytes("pairs.csv", b"image,mask\na,b\n")
+    one = Store(f"s3://{bucket}/x/pairs.csv", opts)
+    assert [f.size for f in one.list()] == [15]
+    before = listing_hash(one)
+    Store(f"s3://{bucket}/x", opts).write_bytes("pairs.csv", b"image,mask\na,c,\n")
+    assert listing_hash(one) != before
+    assert Store(f"s3://{bucket}/x/none.csv", opts).list() == []

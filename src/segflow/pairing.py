@@ -98,6 +98,23 @@ def _q(option: str) -> str:
     return f"'{option}'"
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name a row and its output files, or ``None`` when it can. An
+    id becomes a path (``masks/<id>.png``), so it may hold ``/`` (sub-folders, as the folder
+    layout's ``sub/a``) but no empty, ``.`` or ``..`` part (between ``/`` or ``\\``), no leading
+    ``/`` or ``\\`` and no control character: it would escape or break the output store."""
+    if not image_id.strip():
+        return "the id is empty"
+    bad = next((c for c in image_id if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return f"the id {image_id!r} holds the control character {bad!r}"
+    if image_id.startswith(("/", "\\")):
+        return f"the id {image_id!r} starts with {image_id[0]!r}; it would name a root path"
+    if any(part in ("", ".", "..") for part in re.split(r"[/\\]", image_id)):
+        return f"the id {image_id!r} has an empty, '.' or '..' part; it would leave its folder"
+    return None
+
+
 # -- by name ------------------------------------------------------------------------------------
 def compile_image_pattern(pattern: str) -> re.Pattern[str]:
     try:
@@ -286,6 +303,11 @@ def read_pairs(
             out.dropped.append(Dropped(url, "unreadable", f"{where} names no image", image_id))
             continue
         image_url = _resolve(image_cell, folder)
+        problem = id_problem(image_id)
+        if problem is not None:
+            why = f"{where}: {problem}; give the row an id cell of letters, digits, - _ . and /"
+            out.dropped.append(Dropped(image_url, "unreadable", why, image_id))
+            continue
         image_rel = _rel_under(image_url, image_root)
         if image_rel is None:
             why = f"{where}: {image_cell!r} is outside the source {image_root.url}; " + _OUTSIDE
@@ -362,7 +384,15 @@ def find_pairs(
         mask_by_rel = {f.rel: f for f in mask_files} if mask_files is not None else None
         return read_pairs(spec.pairs, source.options, source, by_rel, masks, mask_by_rel)
     beside = masks is None or masks.url == source.url
-    return Paired(pair_by_name(files, spec, masks_beside=beside, root=source.url))
+    out = Paired([])
+    for c in pair_by_name(files, spec, masks_beside=beside, root=source.url):
+        problem = id_problem(c.id)
+        if problem is None:
+            out.candidates.append(c)
+        else:
+            why = f"{problem}; --image-pattern {_q(str(spec.image_pattern))} gave it"
+            out.dropped.append(Dropped(source.uri(c.image.rel), "unreadable", why, c.id))
+    return out
 
 
 def list_images(

@@ -278,19 +278,31 @@ class Store:
         root_key = self.root.partition("/")[2]
         strip = len(root_key) + 1 if root_key else 0
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": f"{key}/" if key else ""}
+        listed = False
         while True:  # one request per page; S3 returns keys in UTF-8 byte (= code point) order
             try:
                 page = self.fs.call_s3("list_objects_v2", **kwargs)
             except FileNotFoundError:
                 return  # no such bucket: nothing listed, as for a missing folder
             for c in page.get("Contents", []):
+                listed = True
                 if c["Key"].endswith("/"):
                     continue  # a folder placeholder written by some S3 tools
                 info = {"size": c["Size"], "ETag": c.get("ETag")}
                 yield FileInfo(c["Key"][strip:], int(c["Size"]), _fingerprint(info))
             if not page.get("IsTruncated"):
-                return
+                break
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        if not listed and key:
+            # nothing under "key/": the URL may name one object (a pairs or annotations CSV),
+            # which lists as itself like a local file does; else an edit never reaches a cache key
+            try:
+                head = self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return
+            info = {"size": head["ContentLength"], "ETag": head.get("ETag")}
+            name = key[strip:] if len(key) > len(root_key) else "."  # "." as the local walk
+            yield FileInfo(name, int(head["ContentLength"]), _fingerprint(info))
 
     # -- writes ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> str:

@@ -316,3 +316,88 @@ def test_a_manifest_holding_an_id_twice_is_repaired_once(tmp_path):
     plan_shards(out, inputs, 4)
     assert out.read_marker(shard_marker(0)) is not None
     assert out.read_json(MANIFEST)["rejected"][0]["reason"] == "duplicate_id"
+
+
+def _pairs_source(tmp_path: Path) -> tuple[Path, Path]:
+    """A source of two images and a pairs CSV beside it (outside the source) naming them, a
+    file outside the source and a file that does not exist."""
+    _raw_archive(tmp_path / "src" / "images", 2)
+    outside = tmp_path / "other" / "x.jpg"
+    outside.parent.mkdir()
+    outside.write_bytes((tmp_path / "src" / "images" / "ISIC_0000000.jpg").read_bytes())
+    csv_path = tmp_path / "pairs.csv"
+    rows = ["image", "src/images/ISIC_0000000.jpg", "src/images/ISIC_0000001.jpg", str(outside)]
+    csv_path.write_text("\n".join([*rows, "src/images/09.jpg"]) + "\n")
+    return tmp_path / "src", csv_path
+
+
+def test_pairs_rows_left_out_keep_their_urls_in_the_summary(ensemble, tmp_path):
+    """Rows a pairs CSV names outside the source, or that do not exist, are rejected with the
+    file's own URL: the run completes and the QA table's source is that URL, not the source
+    joined to it (which raised 'escapes its store' after every shard, or doubled the path)."""
+    import csv
+
+    models, _ = ensemble
+    src, pairs = _pairs_source(tmp_path)
+    cfg = PredictConfig(
+        models=models,
+        source=str(src),
+        pairs=str(pairs),
+        out=str(tmp_path / "out"),
+        tta="none",
+        executor="inline",
+    )
+    res = predict(cfg)
+    assert (res.n_images, res.n_rejected) == (2, 2)
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert rows["x"]["source"] == str(tmp_path / "other" / "x.jpg")
+    assert rows["09"]["source"] == str(src / "images" / "09.jpg")
+    assert rows["x"]["status"] == rows["09"]["status"] == "rejected"
+
+
+def test_plan_key_follows_an_edited_pairs_csv(tmp_path):
+    """The pairs CSV chooses the images: editing it (outside the source) changes the plan key,
+    as it changes ingest's."""
+    from segflow.pipeline.manifests import ResolvedVersion
+    from segflow.pipeline.stages import plan_key
+
+    src, pairs = _pairs_source(tmp_path)
+    cfg = PredictConfig(models="m", source=str(src), pairs=str(pairs), out=str(tmp_path / "o"))
+    version = ResolvedVersion(id="v1", models="m", record={}, hash="h")
+    first = plan_key(cfg, version)
+    assert plan_key(cfg, version) == first
+    pairs.write_text("image\nsrc/images/ISIC_0000000.jpg\n")
+    assert plan_key(cfg, version) != first
+
+
+def test_masks_are_flushed_before_the_shard_is_marked_done(ensemble, tmp_path, monkeypatch):
+    """Masks are written without fsync; the shard's done-marker must follow a flush, or a
+    power cut leaves a 'done' shard with masks that never reached the disk."""
+    calls: list[str] = []
+    flush, mark = Store.flush, Store.mark_complete
+
+    def recording_flush(self):
+        calls.append("flush")
+        return flush(self)
+
+    def recording_mark(self, name, payload):
+        if "/shard-" in name:
+            calls.append("mark")
+        return mark(self, name, payload)
+
+    monkeypatch.setattr(Store, "flush", recording_flush)
+    monkeypatch.setattr(Store, "mark_complete", recording_mark)
+    models, _ = ensemble
+    _raw_archive(tmp_path / "raw", 2)
+    cfg = PredictConfig(
+        models=models,
+        source=str(tmp_path / "raw"),
+        out=str(tmp_path / "out"),
+        tta="none",
+        executor="inline",
+        shard_size=1,
+    )
+    predict(cfg)
+    marks = [i for i, c in enumerate(calls) if c == "mark"]
+    assert len(marks) == 2 and all(i > 0 and calls[i - 1] == "flush" for i in marks)

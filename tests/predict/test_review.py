@@ -192,3 +192,24 @@ def test_a_version_without_calibration_leaves_needs_review_empty(models, tmp_pat
     table = pq.read_table(tmp_path / "out" / "summary.parquet").to_pylist()
     assert len(table) == 6 and all(r["needs_review"] is None for r in table)
     assert all(r["uncertainty"] is not None for r in table if r["status"] == "ok")
+
+
+def test_summary_csv_defuses_spreadsheet_formulas(tmp_path):
+    """A text cell starting with = + - @ (a file named '=HYPERLINK(...)') would run as a formula
+    when summary.csv is opened in a spreadsheet: the CSV prefixes it with ', the Parquet keeps
+    the text as it is."""
+    from segflow.predict.table import SUMMARY, SUMMARY_CSV, RunColumns, concatenate, rejected_row
+    from segflow.storage import Store
+
+    out = Store(str(tmp_path))
+    extra = [rejected_row("=HYPERLINK(1)", "@x.png", "-bad"), rejected_row("a-b", "+1", "ok")]
+    concatenate(out, [], extra, RunColumns("=v1", 0.5, "none", None))
+    with open(tmp_path / SUMMARY_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["id"], r["source"], r["reason"]) for r in rows] == [
+        ("'=HYPERLINK(1)", "'@x.png", "'-bad"),
+        ("a-b", "'+1", "ok"),
+    ]
+    assert rows[0]["model_version"] == "'=v1" and rows[0]["threshold"] == "0.5"
+    table = pq.read_table(tmp_path / SUMMARY).to_pylist()
+    assert [r["id"] for r in table] == ["=HYPERLINK(1)", "a-b"] and table[0]["reason"] == "-bad"

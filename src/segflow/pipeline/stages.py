@@ -241,7 +241,9 @@ def resolve(models_url: str, version: str | None, storage: StorageOptions) -> Re
 def plan_key(cfg: PredictConfig, version: ResolvedVersion) -> str:
     source = listing_hash(Store(cfg.source, cfg.storage)) if cfg.source else None
     data = _dataset_hash(cfg) if cfg.dataset else None
-    return task_key("predict", source, data, version.hash, config_hash(cfg), cfg.out)
+    # an edited pairs CSV chooses other images, wherever it lives (as in ingest_key)
+    pairs = listing_hash(Store(cfg.pairs, cfg.storage)) if cfg.pairs else None
+    return task_key("predict", source, data, pairs, version.hash, config_hash(cfg), cfg.out)
 
 
 def _dataset_hash(cfg: PredictConfig) -> str:

@@ -89,6 +89,7 @@ def run_shard(ctx: ShardContext, ensemble: Ensemble, shard: dict[str, Any]) -> d
         "folds": ensemble.folds,
         "seconds": time.perf_counter() - t0,
     }
+    out.flush()  # the masks were written without fsync: durable before the marker says done
     out.mark_complete(shard_marker(shard["shard"]), payload)  # last: the shard is done
     return payload
 
@@ -141,9 +142,13 @@ def _load(ctx: ShardContext, ensemble: Ensemble, item: list[str]) -> dict[str, A
 
 
 def input_url(cfg: PredictConfig, ref: str) -> str:
-    """The QA table's ``source`` of an input: its URL, or ``<dataset URL>#<row>``."""
+    """The QA table's ``source`` of an input: its URL, or ``<dataset URL>#<row>``. A ``ref``
+    that is already a URL or an absolute path (a pairs-CSV row left out: it may name a file
+    outside the source) is kept as it is."""
     if cfg.dataset:
         return f"{Store(cfg.dataset, cfg.storage).url}#{ref}"
+    if "://" in ref or ref.startswith("/"):
+        return ref
     return Store(cfg.source, cfg.storage).uri(ref)  # type: ignore[arg-type]
 
 

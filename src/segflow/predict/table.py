@@ -145,7 +145,7 @@ def concatenate(
                 table = _fill(table, run)
                 stats.add(table.to_pylist())
                 pw.write_table(table)
-                cw.write_table(table)
+                cw.write_table(csv_safe(table))
 
             missing = 0
             for rel in parts:
@@ -167,6 +167,21 @@ def concatenate(
             with open(path, "rb") as f:
                 out.write_bytes(name, f.read())
     return stats
+
+
+#: a spreadsheet runs a cell starting with one of these as a formula (CSV injection, OWASP)
+_FORMULA_START = r"^([=+\-@\t\r])"
+
+
+def csv_safe(table: pa.Table) -> pa.Table:
+    """``table`` with each text cell that a spreadsheet would run as a formula (an id or file
+    name like ``=HYPERLINK(...)``) prefixed with ``'``; only for the CSV, the Parquet keeps the
+    text as it is."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_string(f.type):
+            safe = pc.replace_substring_regex(table[i], _FORMULA_START, r"'\1")
+            table = table.set_column(i, f, safe)
+    return table
 
 
 def _fill(table: pa.Table, run: RunColumns) -> pa.Table:
