@@ -38,14 +38,16 @@ from segflow.pipeline.manifests import (
 )
 from segflow.predict.config import PredictConfig
 from segflow.predict.manifest import read_shard, shard_refs
-from segflow.predict.postprocess import choose_from_models
+from segflow.predict.postprocess import choose_from_models, resolve_choice
 from segflow.predict.run import (
     ShardContext,
+    _identity,
     pending_shards,
     plan_prediction,
     shard_marker,
     summarize,
 )
+from segflow.predict.shard import SHARDS
 from segflow.predict.workers import predict_shard
 from segflow.storage import StorageOptions, Store, sha256_bytes, sha256_json, sha256_object
 from segflow.train import TrainConfig
@@ -241,7 +243,33 @@ def resolve(models_url: str, version: str | None, storage: StorageOptions) -> Re
 def plan_key(cfg: PredictConfig, version: ResolvedVersion) -> str:
     source = listing_hash(Store(cfg.source, cfg.storage)) if cfg.source else None
     data = _dataset_hash(cfg) if cfg.dataset else None
-    return task_key("predict", source, data, version.hash, config_hash(cfg), cfg.out)
+    return task_key(
+        "predict", source, data, version.hash, config_hash(cfg), cfg.out, _stale_out(cfg)
+    )
+
+
+def _out_state(cfg: PredictConfig) -> list[Any] | None:
+    """Which model the output folder's masks are from, and when that was last set: the
+    identity file's content and modified time (rewritten, so a new time, each time another
+    model takes the folder over). A rollback to a model used before rewrites the same
+    content, so the time is what tells the two runs apart."""
+    out = Store(cfg.out, cfg.storage)
+    rel = f"{SHARDS}/identity.json"
+    if not out.exists(rel):
+        return None
+    return [sha256_json(out.read_json(rel)), str(out.fs.modified(out.path(rel)))]
+
+
+def _stale_out(cfg: PredictConfig) -> list[Any] | None:
+    """None while the output folder is fresh or holds this configuration's masks; otherwise
+    its state, so that a plan cached for this model before another one took the folder over
+    is not reused (planning is what clears the other model's done-markers)."""
+    state = _out_state(cfg)
+    if state is None:
+        return None
+    threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
+    current = Store(cfg.out, cfg.storage).read_json(f"{SHARDS}/identity.json")
+    return None if current == _identity(cfg, threshold, method) else state
 
 
 def _dataset_hash(cfg: PredictConfig) -> str:
@@ -271,7 +299,9 @@ def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> Predictio
 
 def shard_key(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> str:
     entry = plan.shards[shard]
-    return task_key("predict", plan.version_hash, config_hash(cfg), cfg.out, entry.hash)
+    return task_key(
+        "predict", plan.version_hash, config_hash(cfg), cfg.out, entry.hash, _out_state(cfg)
+    )
 
 
 def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> ShardManifest:
@@ -287,8 +317,10 @@ def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> S
     )
 
 
-def summary_key(plan: PredictionPlan, shards: list[ShardManifest]) -> str:
-    return task_key("predict", plan.hash, [s.hash for s in shards])
+def summary_key(cfg: PredictConfig, plan: PredictionPlan, shards: list[ShardManifest]) -> str:
+    # the folder's state: a rollback's shards hash like the first run's, but the summary
+    # files on disk are the other model's until summarized again
+    return task_key("predict", plan.hash, [s.hash for s in shards], _out_state(cfg))
 
 
 def summarize_predictions(
