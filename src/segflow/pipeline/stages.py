@@ -291,6 +291,7 @@ def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> Predictio
         folds=version.record.get("folds"),
         shards=[ShardEntry(shard=s["shard"], n=s["n"], hash=s["hash"]) for s in shards],
         source_hash=sha256_json(hashes),
+        weights=ctx.weights,
         hash=sha256_json(
             [version.id, version.hash, hashes, ctx.threshold, ctx.postprocess, config_hash(cfg)]
         ),
@@ -306,7 +307,7 @@ def shard_key(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> str:
 
 def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> ShardManifest:
     out = Store(cfg.out, cfg.storage)
-    ctx = ShardContext(cfg, plan.threshold, plan.postprocess)
+    ctx = ShardContext(cfg, plan.threshold, plan.postprocess, plan.weights)
     payload = predict_shard(ctx, read_shard(out, shard_refs(out)[shard]))
     return ShardManifest(
         shard=shard,
