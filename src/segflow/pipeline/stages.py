@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from segflow.crops import CropsConfig, make_crops
+from segflow.errors import ConfigError
 from segflow.evaluate import evaluate
 from segflow.ingest import IngestConfig, ingest
 from segflow.pipeline.config import FlowConfig
@@ -40,6 +41,7 @@ from segflow.predict.config import PredictConfig
 from segflow.predict.manifest import read_shard, shard_refs
 from segflow.predict.postprocess import choose_from_models, resolve_choice
 from segflow.predict.run import (
+    REVIEW_K,
     ShardContext,
     _identity,
     pending_shards,
@@ -359,9 +361,22 @@ def review_key(summary: PredictionSummary, k: int) -> str:
     return task_key("review", summary.hash, summary.review_threshold, k)
 
 
+def check_review_k(k: int) -> int:
+    """``k`` if a run's summary holds that many most-uncertain images (REVIEW_K), else a
+    ConfigError: a larger ``k`` would silently show REVIEW_K."""
+    if not 1 <= k <= REVIEW_K:
+        raise ConfigError(
+            f"review_k={k}: a run keeps its {REVIEW_K} most uncertain images; "
+            f"ask for 1 to {REVIEW_K} (the QA table lists every image's uncertainty)"
+        )
+    return k
+
+
 def review_gallery(cfg: PredictConfig, summary: PredictionSummary, k: int) -> ReviewManifest:
     """The ``k`` most uncertain images of the run as a gallery under ``<out>/review/``."""
     from segflow.predict.review import REVIEW_DIR, write_gallery
+
+    check_review_k(k)
 
     dest = Store(cfg.out, cfg.storage).uri(REVIEW_DIR)
     items = summary.most_uncertain[:k]
