@@ -15,6 +15,7 @@ from segflow.pipeline.artifacts import (
     publish_segmentation,
 )
 from segflow.pipeline.config import FlowConfig
+from segflow.pipeline.stages import check_review_k
 from segflow.tasks.common import segflow_flow, start_flow
 from segflow.tasks.segment import (
     crop_masks,
@@ -43,7 +44,8 @@ def segment_flow(
 ) -> dict[str, Any]:
     """``layout``: how the source names its images (and crops and evaluation their masks);
     ``config.predict.layout`` wins when given. ``review_k``: the most uncertain images the
-    ``review`` artifact shows."""
+    ``review`` artifact shows (at most 16, what a run's summary keeps)."""
+    check_review_k(review_k)  # before any work: the gallery would silently show fewer
     cfg = FlowConfig.parse(config)
     cached = start_flow(out_url, cfg.storage)
 
@@ -58,10 +60,12 @@ def segment_flow(
     progress = Progress(sum(s.n for s in plan.shards), f"images of {source} predicted")
     futures = [cached(predict_shard).submit(predict_cfg, plan, s.shard) for s in plan.shards]
     size = {f.task_run_id: s.n for f, s in zip(futures, plan.shards, strict=True)}
-    done = 0
+    done = ran = 0
     for future in as_completed(futures):  # images over the whole archive, not shards
         done += size[future.task_run_id]
-        progress.update(done)
+        # a shard cached from an earlier run took no time now: the rate counts only the rest
+        ran += 0 if future.state.name == "Cached" else size[future.task_run_id]
+        progress.update(done, ran)
     shards = [f.result() for f in futures]
     summary = cached(summarize_predictions)(predict_cfg, plan, shards)
     review = cached(review_predictions)(predict_cfg, summary, review_k)

@@ -17,6 +17,11 @@ class DatasetError(SegflowError):
     """A dataset does not follow the contract in docs/dataset.md, or conflicts with a request."""
 
 
+class ModelChangedError(SegflowError):
+    """The models a run was planned with were replaced (retrained into the same URL) while
+    it ran; its shards would mix two models' masks."""
+
+
 class PairingError(ConfigError):
     """Images cannot be paired with their masks as asked (a pattern, template or pairs CSV);
     the message shows one example of each side."""

@@ -50,3 +50,17 @@ def test_a_retrain_into_the_same_url_is_reloaded(location):
     again = workers._cached_ensemble(models.url, location.storage, None)
     assert again is not first and torch.equal(_first_param(again), new)
     assert workers._cached_ensemble(models.url, location.storage, None) is again
+
+
+def test_a_retrain_during_a_run_is_refused_not_mixed_in(location):
+    import pytest
+
+    from segflow.errors import ModelChangedError
+
+    models = location.store("models")
+    write_fold(models, 0, seed=1)
+    planned = workers.weights_fingerprint(models, None)
+    assert workers._cached_ensemble(models.url, location.storage, None, planned) is not None
+    write_fold(models, 0, seed=2)  # retrained into the same URL while the run goes on
+    with pytest.raises(ModelChangedError, match="changed while this prediction ran"):
+        workers._cached_ensemble(models.url, location.storage, None, planned)

@@ -98,3 +98,42 @@ def test_task_key_changes_with_inputs_and_config_not_runtime(tmp_path):
     assert ingest_key(cfg.model_copy(update={"size": (64, 64)})) != first
     write_isic(src, range(2, 3), h=16, w=16)
     assert ingest_key(cfg) != first
+
+
+def test_a_rollback_on_one_out_folder_misses_the_shard_and_summary_cache(tmp_path):
+    """Version A, then B, then A again into one folder: A's cached shards and summary describe
+    masks B has since overwritten, so A's second run must not hit them; an unchanged rerun
+    still does (the folder's identity file is not rewritten then)."""
+    from segflow.pipeline.manifests import PredictionPlan, ShardEntry, ShardManifest
+    from segflow.pipeline.stages import shard_key, summary_key
+    from segflow.predict.config import PredictConfig
+    from segflow.predict.run import _forget_other_models
+
+    cfg = PredictConfig(models=str(tmp_path / "m"), out=str(tmp_path / "out"), dataset="d")
+    out = Store(cfg.out, cfg.storage)
+    entry = ShardEntry(shard=0, n=1, hash="h")
+    plan = PredictionPlan(
+        out=cfg.out,
+        version="v1",
+        version_hash="vh",
+        threshold=0.5,
+        postprocess="none",
+        folds=[0],
+        shards=[entry],
+        source_hash="s",
+        hash="p",
+    )
+    shards = [ShardManifest(shard=0, n_outputs=1, n_errors=0, marker="m", hash="x")]
+
+    def keys() -> tuple[str, str]:
+        return shard_key(cfg, plan, 0), summary_key(cfg, plan, shards)
+
+    shard_refs = [{"shard": 0, "n": 1, "hash": "h"}]
+    _forget_other_models(out, shard_refs, {"ensemble": "A"})
+    first = keys()
+    _forget_other_models(out, shard_refs, {"ensemble": "A"})  # unchanged rerun
+    assert keys() == first
+    _forget_other_models(out, shard_refs, {"ensemble": "B"})
+    _forget_other_models(out, shard_refs, {"ensemble": "A"})  # the rollback
+    again = keys()
+    assert again[0] != first[0] and again[1] != first[1]

@@ -429,6 +429,30 @@ def test_a_request_may_name_the_version_by_the_alias_the_server_resolved(models,
         service("r2").check_version("production")
 
 
+def test_production_is_refused_once_promoted_away_from_the_served_version(
+    models, tmp_path, monkeypatch
+):
+    import shutil
+
+    from segflow.serve import service as svc
+    from segflow.versions import move_production, write_version
+
+    root = tmp_path / "models"
+    for n, created in (("r1", "2026-01-01"), ("r2", "2026-01-02")):
+        shutil.copytree(models, root / "runs" / n)
+        write_version(str(root), {"version": n, "run": f"runs/{n}", "created_at": created})
+    move_production(str(root), "r1", "promote", "test", actor="test")
+    cfg = ServeConfig(models=str(root))
+    served = svc.Service(cfg, svc.resolve(cfg))
+    served.check_version("production")  # r1, as at start
+    move_production(str(root), "r2", "promote", "test", actor="test")
+    served.check_version("production")  # read a moment ago: kept a few seconds
+    monkeypatch.setattr(svc, "ALIAS_TTL_S", 0.0)
+    with pytest.raises(svc.VersionMismatch, match="serves 'r1', 'production' is now 'r2'"):
+        served.check_version("production")
+    served.check_version("r1")
+
+
 def test_replicas_that_cannot_be_placed_fail_locally_and_warn_on_a_cluster(caplog):
     from segflow.serve.deployment import _check_resources
 

@@ -115,8 +115,9 @@ class Progress:
         self.total, self.what, self.t0 = max(total, 1), what, time.perf_counter()
         self.id = create_progress_artifact(0.0, key="predict-progress", description=what)
 
-    def update(self, done: int) -> None:
-        fig = progress_figures(done, self.total, done, time.perf_counter() - self.t0)
+    def update(self, done: int, ran: int) -> None:
+        """``ran`` of the ``done`` images were predicted by this run (not cached earlier)."""
+        fig = progress_figures(done, self.total, ran, time.perf_counter() - self.t0)
         update_progress_artifact(self.id, fig.percent, description=f"{self.what}: {fig.line()}")
 
 

@@ -38,6 +38,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "predict": ("segflow.predict.run", "segflow.predict.workers"),
     "evaluate": ("segflow.evaluate",),
     "crops": ("segflow.crops",),
+    "review": ("segflow.predict.review",),
     "gate": ("segflow.gate",),
 }
 

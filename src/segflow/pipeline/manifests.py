@@ -127,6 +127,7 @@ class PredictionPlan(Manifest):
     folds: list[int] | None
     shards: list[ShardEntry]
     source_hash: str
+    weights: str | None = None  # the folds' weights fingerprint, pinned for every shard
 
 
 class ShardManifest(Manifest):

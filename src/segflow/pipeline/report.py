@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,19 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def md_code(value: Any, table: bool = False) -> str:
+    """``value`` as a Markdown code span, so an id, file name or URL from storage renders as
+    text: links (``[x](javascript:...)``), HTML (``<img ...>``) and emphasis in it stay inert.
+    The fence is one backtick longer than the longest run inside; newlines become spaces;
+    ``table``: ``|`` is escaped, or it would end the table cell even inside a code span."""
+    text = " ".join(str(value).splitlines())
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or text[:1] == text[-1:] == " " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def embed_png(data: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})"
 
@@ -140,9 +154,9 @@ def training_markdown(
     rec = version["record"]
     choice, oof = rec["choice"], rec["scores"]["oof"]
     lines = [
-        f"# Model version `{rec['version']}`",
+        f"# Model version {md_code(rec['version'])}",
         "",
-        f"* data: `{rec['dataset']['url']}` ({rec['dataset']['n_images']} images, "
+        f"* data: {md_code(rec['dataset']['url'])} ({rec['dataset']['n_images']} images, "
         f"content hash `{rec['dataset']['hash'][:12]}`)",
         f"* model: {rec['config']['arch']} / {rec['config']['encoder']}, "
         f"{len(rec['folds'])} folds, {rec['config']['epochs']} epochs max",
@@ -151,7 +165,7 @@ def training_markdown(
         f"* chosen: threshold {choice['threshold']:.2f}, post-processing "
         f"`{choice['postprocess']}` (OOF thresholded Jaccard "
         f"{choice['oof_thresholded_jaccard']:.4f})",
-        f"* record: `{version['url']}`",
+        f"* record: {md_code(version['url'])}",
         *plan_lines(rec["config"].get("plan")),
         "",
         "## Training curves",
@@ -188,7 +202,7 @@ def run_description(kind: str, data: dict[str, Any], config: dict[str, Any]) -> 
     """What a flow run ran on: the locations, the data hash, and the config (no secrets:
     flow configs refuse them)."""
     lines = [f"# {kind} run", ""]
-    lines += [f"* {k}: `{v}`" for k, v in data.items()]
+    lines += [f"* {k}: {md_code(v)}" for k, v in data.items()]
     lines += ["", "```json", json.dumps(config, indent=2, sort_keys=True, default=str), "```"]
     return "\n".join(lines)
 
@@ -237,7 +251,8 @@ def review_markdown(
         "| --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {i} | {it['id']} | {it['uncertainty']:.4f} | {it['source']} |"
+        f"| {i} | {md_code(it['id'], table=True)} | {it['uncertainty']:.4f} | "
+        f"{md_code(it['source'], table=True)} |"
         for i, it in enumerate(items, start=1)
     ]
     lines += ["", "## Uncertainty of the run", "", embed_png(hist, "uncertainty histogram")]

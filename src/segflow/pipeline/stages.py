@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from segflow.crops import CropsConfig, make_crops
+from segflow.errors import ConfigError
 from segflow.evaluate import evaluate
 from segflow.ingest import IngestConfig, ingest
 from segflow.pipeline.config import FlowConfig
@@ -38,14 +39,17 @@ from segflow.pipeline.manifests import (
 )
 from segflow.predict.config import PredictConfig
 from segflow.predict.manifest import read_shard, shard_refs
-from segflow.predict.postprocess import choose_from_models
+from segflow.predict.postprocess import choose_from_models, resolve_choice
 from segflow.predict.run import (
+    REVIEW_K,
     ShardContext,
+    _identity,
     pending_shards,
     plan_prediction,
     shard_marker,
     summarize,
 )
+from segflow.predict.shard import SHARDS
 from segflow.predict.workers import predict_shard
 from segflow.storage import StorageOptions, Store, sha256_bytes, sha256_json, sha256_object
 from segflow.train import TrainConfig
@@ -243,7 +247,33 @@ def plan_key(cfg: PredictConfig, version: ResolvedVersion) -> str:
     data = _dataset_hash(cfg) if cfg.dataset else None
     # an edited pairs CSV chooses other images, wherever it lives (as in ingest_key)
     pairs = listing_hash(Store(cfg.pairs, cfg.storage)) if cfg.pairs else None
-    return task_key("predict", source, data, pairs, version.hash, config_hash(cfg), cfg.out)
+    return task_key(
+        "predict", source, data, pairs, version.hash, config_hash(cfg), cfg.out, _stale_out(cfg)
+    )
+
+
+def _out_state(cfg: PredictConfig) -> list[Any] | None:
+    """Which model the output folder's masks are from, and when that was last set: the
+    identity file's content and modified time (rewritten, so a new time, each time another
+    model takes the folder over). A rollback to a model used before rewrites the same
+    content, so the time is what tells the two runs apart."""
+    out = Store(cfg.out, cfg.storage)
+    rel = f"{SHARDS}/identity.json"
+    if not out.exists(rel):
+        return None
+    return [sha256_json(out.read_json(rel)), str(out.fs.modified(out.path(rel)))]
+
+
+def _stale_out(cfg: PredictConfig) -> list[Any] | None:
+    """None while the output folder is fresh or holds this configuration's masks; otherwise
+    its state, so that a plan cached for this model before another one took the folder over
+    is not reused (planning is what clears the other model's done-markers)."""
+    state = _out_state(cfg)
+    if state is None:
+        return None
+    threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
+    current = Store(cfg.out, cfg.storage).read_json(f"{SHARDS}/identity.json")
+    return None if current == _identity(cfg, threshold, method) else state
 
 
 def _dataset_hash(cfg: PredictConfig) -> str:
@@ -265,6 +295,7 @@ def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> Predictio
         folds=version.record.get("folds"),
         shards=[ShardEntry(shard=s["shard"], n=s["n"], hash=s["hash"]) for s in shards],
         source_hash=sha256_json(hashes),
+        weights=ctx.weights,
         hash=sha256_json(
             [version.id, version.hash, hashes, ctx.threshold, ctx.postprocess, config_hash(cfg)]
         ),
@@ -273,12 +304,14 @@ def plan_segmentation(cfg: PredictConfig, version: ResolvedVersion) -> Predictio
 
 def shard_key(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> str:
     entry = plan.shards[shard]
-    return task_key("predict", plan.version_hash, config_hash(cfg), cfg.out, entry.hash)
+    return task_key(
+        "predict", plan.version_hash, config_hash(cfg), cfg.out, entry.hash, _out_state(cfg)
+    )
 
 
 def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> ShardManifest:
     out = Store(cfg.out, cfg.storage)
-    ctx = ShardContext(cfg, plan.threshold, plan.postprocess)
+    ctx = ShardContext(cfg, plan.threshold, plan.postprocess, plan.weights)
     payload = predict_shard(ctx, read_shard(out, shard_refs(out)[shard]))
     return ShardManifest(
         shard=shard,
@@ -289,8 +322,10 @@ def predict_one_shard(cfg: PredictConfig, plan: PredictionPlan, shard: int) -> S
     )
 
 
-def summary_key(plan: PredictionPlan, shards: list[ShardManifest]) -> str:
-    return task_key("predict", plan.hash, [s.hash for s in shards])
+def summary_key(cfg: PredictConfig, plan: PredictionPlan, shards: list[ShardManifest]) -> str:
+    # the folder's state: a rollback's shards hash like the first run's, but the summary
+    # files on disk are the other model's until summarized again
+    return task_key("predict", plan.hash, [s.hash for s in shards], _out_state(cfg))
 
 
 def summarize_predictions(
@@ -328,9 +363,22 @@ def review_key(summary: PredictionSummary, k: int) -> str:
     return task_key("review", summary.hash, summary.review_threshold, k)
 
 
+def check_review_k(k: int) -> int:
+    """``k`` if a run's summary holds that many most-uncertain images (REVIEW_K), else a
+    ConfigError: a larger ``k`` would silently show REVIEW_K."""
+    if not 1 <= k <= REVIEW_K:
+        raise ConfigError(
+            f"review_k={k}: a run keeps its {REVIEW_K} most uncertain images; "
+            f"ask for 1 to {REVIEW_K} (the QA table lists every image's uncertainty)"
+        )
+    return k
+
+
 def review_gallery(cfg: PredictConfig, summary: PredictionSummary, k: int) -> ReviewManifest:
     """The ``k`` most uncertain images of the run as a gallery under ``<out>/review/``."""
     from segflow.predict.review import REVIEW_DIR, write_gallery
+
+    check_review_k(k)
 
     dest = Store(cfg.out, cfg.storage).uri(REVIEW_DIR)
     items = summary.most_uncertain[:k]

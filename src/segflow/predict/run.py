@@ -37,6 +37,7 @@ from segflow.predict.outputs import RECORD, mask_layout, mask_name
 from segflow.predict.postprocess import resolve_choice, review_threshold
 from segflow.predict.shard import MANIFEST, SHARDS, ShardContext, run_shard, shard_marker
 from segflow.predict.table import SUMMARY, RunColumns, concatenate, rejected_row
+from segflow.predict.workers import planned_weights
 from segflow.progress import ProgressFigures, progress_figures
 from segflow.storage import FileInfo, StorageOptions, Store, sha256_json
 
@@ -179,7 +180,7 @@ def plan_prediction(
     shards = plan_shards(out, list_inputs(cfg, lister), cfg.shard_size)
     threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
     _forget_other_models(out, shards, _identity(cfg, threshold, method))
-    return shards, ShardContext(cfg, threshold, method)
+    return shards, ShardContext(cfg, threshold, method, planned_weights(cfg))
 
 
 def _identity(cfg: PredictConfig, threshold: float, method: str) -> dict[str, Any]:

@@ -42,11 +42,14 @@ def shard_table(k: int) -> str:
 
 @dataclass(frozen=True)
 class ShardContext:
-    """What every shard of one run shares: the run's config and the resolved choice."""
+    """What every shard of one run shares: the run's config and the resolved choice, and
+    the fingerprint of the folds' weights when the run was planned (``weights``; None: not
+    pinned), so that no shard runs a model retrained into the same URL meanwhile."""
 
     cfg: PredictConfig
     threshold: float
     postprocess: str
+    weights: str | None = None
 
     @property
     def out(self) -> Store:

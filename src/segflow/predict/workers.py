@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from segflow.cluster import connect_ray, cpu_count, gpus_per_task
+from segflow.errors import ModelChangedError
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble, load_ensemble
 from segflow.predict.manifest import read_shard
@@ -74,14 +75,26 @@ def weights_fingerprint(models: Store, folds: tuple[int, ...] | None) -> str:
 
 
 def _cached_ensemble(
-    models: str, storage: StorageOptions, folds: tuple[int, ...] | None
+    models: str,
+    storage: StorageOptions,
+    folds: tuple[int, ...] | None,
+    planned: str | None = None,
 ) -> Ensemble:
     """Loaded once per process and kept while its folds' weights are unchanged: consecutive
     shards on a worker skip the load, and a retrain into the same URL is picked up by the
-    next shard instead of serving the stale model for the worker's lifetime."""
+    next shard instead of serving the stale model for the worker's lifetime. ``planned``:
+    the run's pinned fingerprint; weights that differ from it raise, since the run's other
+    shards (and its identity.json) are the planned model's."""
     store = Store(models, storage)
     key = (store.url, storage, folds)
     fingerprint = weights_fingerprint(store, folds)
+    if planned is not None and fingerprint != planned:
+        raise ModelChangedError(
+            f"the weights at {store.url} changed while this prediction ran (planned with "
+            f"fingerprint {planned[:12]}, now {fingerprint[:12]}): a retrain into the same "
+            "URL. Run the prediction again: its plan takes the new weights and redoes every "
+            "shard, so no mask mixes the two models"
+        )
     held = _LOADED.pop(key, None)
     if held is not None and held[0] == fingerprint:
         _LOADED[key] = held  # most recently used last
@@ -95,9 +108,18 @@ def _cached_ensemble(
     return ensemble
 
 
-def ensemble_for(cfg: PredictConfig) -> Ensemble:
+def planned_weights(cfg: PredictConfig) -> str:
+    """The fingerprint a run pins when planned (:class:`ShardContext` ``weights``)."""
+    return weights_fingerprint(Store(cfg.models, cfg.storage), _folds(cfg))
+
+
+def _folds(cfg: PredictConfig) -> tuple[int, ...] | None:
     folds = cfg.fold_list()
-    return _cached_ensemble(cfg.models, cfg.storage, tuple(folds) if folds is not None else None)
+    return tuple(folds) if folds is not None else None
+
+
+def ensemble_for(cfg: PredictConfig, planned: str | None = None) -> Ensemble:
+    return _cached_ensemble(cfg.models, cfg.storage, _folds(cfg), planned)
 
 
 def _shard_task(ctx: ShardContext, shard: Shard, cpus: int) -> Shard:
@@ -105,7 +127,7 @@ def _shard_task(ctx: ShardContext, shard: Shard, cpus: int) -> Shard:
 
     torch.set_num_threads(max(1, cpus))
     # the driver sends the shard's ref; its items are read here, one shard at a time
-    return run_shard(ctx, ensemble_for(ctx.cfg), read_shard(ctx.out, shard))
+    return run_shard(ctx, ensemble_for(ctx.cfg, ctx.weights), read_shard(ctx.out, shard))
 
 
 def _remote(ctx: ShardContext, shard: Shard, res: WorkerResources):

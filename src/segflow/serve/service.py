@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +24,13 @@ from segflow.versions import (
     PREVIOUS,
     PRODUCTION,
     ModelVersion,
+    VersionNotFound,
     list_versions,
     read_aliases,
     resolve_version,
 )
+
+ALIAS_TTL_S = 5.0  # how stale a request's ``?version=production`` check may be
 
 
 class VersionMismatch(SegflowError):
@@ -79,7 +83,8 @@ def _selectors(
     """The name ``resolve_version`` went through: the one asked for, or, without one,
     ``production`` when it named the served version and ``latest`` otherwise. A server does
     not follow later moves of its name (every replica serves one version): a request naming
-    it after a promotion or a rollback is refused, and the 404 names the served version."""
+    it after a promotion or a rollback is refused (:meth:`Service.check_version` re-reads the
+    name), and the 404 names the served version and where the name points now."""
     if requested in (LATEST, PRODUCTION, PREVIOUS):
         return (requested,)
     if requested is not None:
@@ -143,6 +148,7 @@ class Service:
         # Requests decode, post-process and encode in parallel threads; the model runs one
         # request at a time, as torch already spreads one forward pass over every core.
         self._model_lock = threading.Lock()
+        self._aliases: dict[str, tuple[float, str | None]] = {}  # name -> (read at, version)
 
     @property
     def version(self) -> str:
@@ -152,16 +158,36 @@ class Service:
         """Raise :class:`VersionMismatch` unless ``requested`` is the served version."""
         if requested in (None, "", self.version):
             return
-        if requested in self.resolved.selectors:
-            return
         known = list_versions(self.cfg.models, self.cfg.storage) or [self.version]
-        # the message goes to any client: it names versions, never where the models are kept
+        if requested in self.resolved.selectors:
+            now = self._alias_target(requested)
+            if now == self.version:
+                return
+            # the message goes to any client: it names versions, never where models are kept
+            raise VersionMismatch(
+                f"model version {requested!r} is not served here: this server serves "
+                f"{self.version!r}, {requested!r} is now {now!r}. Ask the operator to restart "
+                f"`segflow serve` to follow {requested!r}",
+                known,
+            )
         raise VersionMismatch(
             f"model version {requested!r} is not served here: this server serves "
             f"{self.version!r}; known versions: {known}. Ask the operator to start "
             f"`segflow serve --version {requested}` to serve another one",
             known,
         )
+
+    def _alias_target(self, name: str) -> str | None:
+        """The version ``name`` (production, previous, latest) points at now, re-read at most
+        every ALIAS_TTL_S seconds: a promotion moves it away from the served version."""
+        read_at, target = self._aliases.get(name, (-math.inf, None))
+        if time.monotonic() - read_at > ALIAS_TTL_S:
+            try:
+                target = resolve_version(self.cfg.models, name, self.cfg.storage).id
+            except VersionNotFound:
+                target = None  # the name points nowhere now (aliases cleared)
+            self._aliases[name] = (time.monotonic(), target)
+        return target
 
     def prepare(self, data: bytes, name: str) -> Prepared:
         return prepare(data, name, self.ensemble.spec, self.cfg.max_pixels)
