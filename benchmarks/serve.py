@@ -48,6 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -345,19 +346,21 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
     # serve() starts the local Ray, with the upload guard in its HTTP proxy; the default byte
     # limit (64 MiB): the full-resolution JPEGs are a few MB each
     started = serve(ServeConfig(models=models, port=_free_port(), tta=args.tta, max_pixels=10**9))
+
+    def junk() -> dict[str, Any]:
+        return junk_load(
+            started.url,
+            args.junk_clients,
+            args.junk_mib,
+            DEFAULT_MAX_BYTES,
+            args.junk_seconds,
+            args.junk_nice,
+            args.junk_signed,
+        )
+
     try:
         if args.junk_only:
-            return {
-                "junk": junk_load(
-                    started.url,
-                    args.junk_clients,
-                    args.junk_mib,
-                    DEFAULT_MAX_BYTES,
-                    args.junk_seconds,
-                    args.junk_nice,
-                    args.junk_signed,
-                )
-            }
+            return {"junk": junk()}
         ensemble = load_ensemble(Store(models), None)
         torch.set_num_threads(started.cpus_per_replica)  # the replica's thread count
         local = in_process_call(ensemble, started.threshold, started.postprocess, args)
@@ -373,15 +376,7 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         }
         single_ms = list(server_ms)
         loads["http_n"] = run_load(remote, inputs, args.clients, args.requests)
-        junk = junk_load(
-            started.url,
-            args.junk_clients,
-            args.junk_mib,
-            DEFAULT_MAX_BYTES,
-            args.junk_seconds,
-            args.junk_nice,
-            args.junk_signed,
-        )
+        junk_figures = junk()
     finally:
         stop()
         ray.shutdown()
@@ -403,7 +398,7 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict:
         "server_p50_ms": round(float(np.median(single_ms)), 1),
         "http_1_over_in_process": round(loads["http_1"].rps / floor.rps, 3),
         "http_n_over_in_process": round(loads["http_n"].rps / floor.rps, 3),
-        "junk": junk,
+        "junk": junk_figures,
     }
 
 

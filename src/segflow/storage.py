@@ -407,6 +407,12 @@ def sha256_object(store: Store, rel: str) -> str:
     return h.hexdigest()
 
 
+def ref_uri(store: Store, ref: str) -> str:
+    """The URL of ``ref``: a path relative to ``store``, or kept as it is when it is already a
+    URL or an absolute path (a pairs CSV may name files by URL, or outside the store)."""
+    return ref if "://" in ref or ref.startswith("/") else store.uri(ref)
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -16,7 +16,7 @@ from segflow.ingest import luna  # noqa: F401  (registers the luna layout)
 from segflow.ingest.config import IngestConfig
 from segflow.ingest.rows import Discovery, Listing, RowSpec, Skip, discoverer, register, stem_ext
 from segflow.pairing import Pairing, find_pairs
-from segflow.storage import FileInfo, Store
+from segflow.storage import FileInfo, Store, ref_uri
 
 _ISIC_MASK = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
 _ISIC_SKIP = re.compile(r"_(superpixels|segmentation)$", re.IGNORECASE)
@@ -35,16 +35,11 @@ def discover(cfg: IngestConfig, source: Store, masks: Store) -> Discovery:
     d = discoverer(cfg.layout)(Listing(cfg, source, files, mask_files, separate))
     d = _drop_duplicates(d)
     d.rejected = [
-        replace(s, source=_uri(masks if s.reason == "orphan_mask" else source, s.source))
+        replace(s, source=ref_uri(masks if s.reason == "orphan_mask" else source, s.source))
         for s in d.rejected
     ]
     external = cfg.allow_external_links
     return _drop_bad_links(d, source, masks, files, mask_files, external)
-
-
-def _uri(store: Store, rel: str) -> str:
-    """A skipped file's URL; a pairs CSV may name files by URL (or outside the store)."""
-    return rel if "://" in rel or rel.startswith("/") else store.uri(rel)
 
 
 def _drop_bad_links(

@@ -252,28 +252,34 @@ def plan_key(cfg: PredictConfig, version: ResolvedVersion) -> str:
     )
 
 
-def _out_state(cfg: PredictConfig) -> list[Any] | None:
-    """Which model the output folder's masks are from, and when that was last set: the
-    identity file's content and modified time (rewritten, so a new time, each time another
-    model takes the folder over). A rollback to a model used before rewrites the same
-    content, so the time is what tells the two runs apart."""
+def _identity_file(cfg: PredictConfig) -> tuple[Any, str] | None:
+    """The output folder's ``_shards/identity.json`` (which model its masks are from) and its
+    modified time; ``None`` while the folder has none."""
     out = Store(cfg.out, cfg.storage)
     rel = f"{SHARDS}/identity.json"
     if not out.exists(rel):
         return None
-    return [sha256_json(out.read_json(rel)), str(out.fs.modified(out.path(rel)))]
+    return out.read_json(rel), str(out.fs.modified(out.path(rel)))
+
+
+def _out_state(cfg: PredictConfig, found: tuple[Any, str] | None = None) -> list[Any] | None:
+    """Which model the output folder's masks are from, and when that was last set: the
+    identity file's content and modified time (rewritten, so a new time, each time another
+    model takes the folder over). A rollback to a model used before rewrites the same
+    content, so the time is what tells the two runs apart."""
+    found = found or _identity_file(cfg)
+    return None if found is None else [sha256_json(found[0]), found[1]]
 
 
 def _stale_out(cfg: PredictConfig) -> list[Any] | None:
     """None while the output folder is fresh or holds this configuration's masks; otherwise
     its state, so that a plan cached for this model before another one took the folder over
     is not reused (planning is what clears the other model's done-markers)."""
-    state = _out_state(cfg)
-    if state is None:
+    found = _identity_file(cfg)  # read once: its content decides, and keys the state
+    if found is None:
         return None
     threshold, method = resolve_choice(cfg.models, cfg.storage, cfg.threshold, cfg.postprocess)
-    current = Store(cfg.out, cfg.storage).read_json(f"{SHARDS}/identity.json")
-    return None if current == _identity(cfg, threshold, method) else state
+    return None if found[0] == _identity(cfg, threshold, method) else _out_state(cfg, found)
 
 
 def _dataset_hash(cfg: PredictConfig) -> str:

@@ -25,7 +25,7 @@ from segflow.predict.ensemble import Ensemble
 from segflow.predict.postprocess import full_size
 from segflow.predict.table import rejected_row, write_rows
 from segflow.predict.uncertainty import mask_stats
-from segflow.storage import StorageOptions, Store
+from segflow.storage import StorageOptions, Store, ref_uri
 
 SHARDS = "_shards"
 MANIFEST = f"{SHARDS}/manifest.json"
@@ -150,9 +150,7 @@ def input_url(cfg: PredictConfig, ref: str) -> str:
     outside the source) is kept as it is."""
     if cfg.dataset:
         return f"{Store(cfg.dataset, cfg.storage).url}#{ref}"
-    if "://" in ref or ref.startswith("/"):
-        return ref
-    return Store(cfg.source, cfg.storage).uri(ref)  # type: ignore[arg-type]
+    return ref_uri(Store(cfg.source, cfg.storage), ref)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=4)
