@@ -267,10 +267,15 @@ class Store:
             names = sorted(e.name + "/" if e.is_dir() else e.name for e in it)
         for name in names:
             full = os.path.join(folder, name.rstrip("/"))
-            if name.endswith("/"):
-                yield from self._walk_folder(full, seen)
-            else:
-                yield _local_info(full, posixpath.relpath(full, self.root))
+            try:
+                if name.endswith("/"):
+                    yield from self._walk_folder(full, seen)
+                else:
+                    yield _local_info(full, posixpath.relpath(full, self.root))
+            except FileNotFoundError:
+                # gone since the folder was read (a writer's temporary file renamed into place,
+                # a deleted file): a listing is a snapshot, and it was not there to list
+                continue
         seen.discard((st.st_dev, st.st_ino))
 
     def _walk_s3(self, rel: str) -> Iterator[FileInfo]:
