@@ -121,23 +121,18 @@ def subset(data: Path, n: int, folder: Path) -> Path:
 
 
 def measure(models_url: str, dataset_url: str) -> dict:
-    """The signal's figures on the OOF images of a trained models folder."""
-    import zarr
-
-    from segflow.dataset import open_group
-    from segflow.predict.postprocess import _oof_rows, _Rows, choose_from_models, postprocess
-    from segflow.predict.uncertainty import oof_uncertainty, per_image_jaccard, spearman
+    """The signal's figures on the OOF images of a trained models folder, scored where the
+    version's choice is made (the original mask resolution when the dataset names sources)."""
+    from segflow.predict.postprocess import CHOICE_FILE, oof_choice
+    from segflow.predict.uncertainty import oof_uncertainty, spearman
     from segflow.storage import Store
 
-    choice = choose_from_models(models_url, dataset_url)
+    t0 = time.perf_counter()
+    found = oof_choice(models_url, dataset_url)
+    choose_s = time.perf_counter() - t0
+    choice, rows, jaccard = found.choice, found.rows, found.jaccard
     models = Store(models_url)
-    rows = _oof_rows(models)
-    probs = zarr.open_array(models.zarr_store(read_only=True), path="oof.zarr/probs", mode="r")
-    masks = open_group(Store(dataset_url), "r")["masks"]
-    t, method = choice.threshold, choice.postprocess
-    jaccard = per_image_jaccard(
-        _Rows(probs, rows), _Rows(masks, rows), lambda p: postprocess(p / 255 >= t, method)
-    )
+    models.write_json(CHOICE_FILE, choice.to_dict())  # as choose_from_models: predict reuses it
     stored = oof_uncertainty(models)
     scores = np.array([stored[r] for r in rows])
     cut = choice.review_threshold
@@ -148,8 +143,10 @@ def measure(models_url: str, dataset_url: str) -> dict:
         gap = mean(jaccard[~flagged]) - mean(jaccard[flagged])
     return {
         "n_oof": len(rows),
-        "threshold": t,
-        "postprocess": method,
+        "resolution": choice.resolution,
+        "choose_s": round(choose_s, 1),
+        "threshold": choice.threshold,
+        "postprocess": choice.postprocess,
         "oof_mean_jaccard": mean(jaccard),
         "oof_thresholded_jaccard": choice.oof_thresholded_jaccard,
         "spearman_rho": spearman(scores, jaccard),

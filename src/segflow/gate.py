@@ -307,9 +307,9 @@ def score_version(
     post-processed by the version's own out-of-fold choice, scored against the truth."""
     import torch
 
+    from segflow.masks import postprocess
     from segflow.metrics import per_image_scores
     from segflow.predict.ensemble import load_ensemble
-    from segflow.predict.postprocess import postprocess
 
     choice = version.record.get("choice") or Store(version.models, storage).read_json(
         "postprocess.json"

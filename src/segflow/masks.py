@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from segflow import png
+from segflow.geometry import Placement, from_frame
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
 #: 8-connectivity for ``ndimage.label``
@@ -32,6 +33,8 @@ BACKGROUNDS = ("black", "mean", "white")
 # the time of the JPEG decode that precedes it; PNG stays lossless either way.
 PNG_LEVEL = 1
 _FILL = {"black": 0, "white": 255}
+#: the post-processing steps a version may choose (segflow.predict.postprocess)
+POSTPROCESS = ("none", "lcc", "lcc_fill")
 
 
 class Largest(NamedTuple):
@@ -215,3 +218,39 @@ def encode(arr: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+# -- the final mask from probabilities --------------------------------------------------------
+def postprocess(mask: np.ndarray, method: str) -> np.ndarray:
+    """Apply ``method`` (one of :data:`POSTPROCESS`) to an (H, W) mask; "none" returns it
+    unchanged, "lcc_fill" keeps the largest component, then fills its holes."""
+    if method not in POSTPROCESS:
+        raise ValueError(f"unknown post-processing {method!r}; allowed: {', '.join(POSTPROCESS)}")
+    if method == "none":
+        return mask
+    kept = largest_component(mask)
+    return fill_holes(kept) if method == "lcc_fill" else kept
+
+
+def full_size_mask(
+    prob: np.ndarray, placement: Placement, threshold: float, method: str
+) -> np.ndarray:
+    """One probability frame (as ``Ensemble.predict`` returns it) -> the final bool mask at the
+    original size. The probabilities are resized back before the threshold, so the mask's
+    edges follow the bilinear probability surface instead of blocky frame pixels. The batch
+    predictor and the server both call this: a served mask equals the batch one."""
+    return full_size(prob, placement, threshold, method)[1]
+
+
+def full_size(
+    prob: np.ndarray, placement: Placement, threshold: float, method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`full_size_mask` and the probabilities at the original size it was cut from."""
+    full = full_size_probs(prob, placement)
+    return full, postprocess(full >= threshold, method)
+
+
+def full_size_probs(prob: np.ndarray, placement: Placement) -> np.ndarray:
+    """A probability frame resized back to the original size (bilinear, float32): what every
+    final mask is thresholded from."""
+    return from_frame(prob.astype(np.float32), placement, nearest=False)

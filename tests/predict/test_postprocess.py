@@ -11,7 +11,7 @@ import zarr
 from scipy import ndimage
 
 from segflow.errors import InputError
-from segflow.masks import fill_holes, largest_component
+from segflow.masks import fill_holes, largest_component, postprocess
 from segflow.metrics import per_image_scores
 from segflow.predict.postprocess import (
     POSTPROCESS,
@@ -19,7 +19,6 @@ from segflow.predict.postprocess import (
     Choice,
     choose,
     choose_from_models,
-    postprocess,
 )
 from segflow.storage import Store
 
@@ -232,7 +231,9 @@ def _write_dataset(url: str, masks: np.ndarray, has_mask: np.ndarray) -> None:
     g = zarr.open_group(Store(url).zarr_store(), mode="w")
     g.create_array("masks", data=masks, chunks=(1, *masks.shape[1:]))
     g.create_array("has_mask", data=has_mask)
-    g.attrs.update({"n": len(masks), "contract": 1})
+    g.attrs.update(
+        {"n": len(masks), "contract": 1, "size": list(masks.shape[1:]), "resize": "stretch"}
+    )
 
 
 def _write_oof(url: str, probs: np.ndarray, folds: dict[int, list[int]]) -> None:
@@ -255,7 +256,7 @@ def test_choose_from_models_end_to_end(tmp_path):
     Store(models).child("fold-x").write_json("oof.json", {"rows": [4]})  # not a fold folder
 
     c = choose_from_models(models, ds)
-    assert c.n_images == 4
+    assert c.n_images == 4 and c.resolution == "training"  # no source masks: the frame
     assert c.postprocess == "lcc" and c.oof_thresholded_jaccard == 1.0
     assert c.oof_by_postprocess["none"] == pytest.approx(49 / 53)
     saved = Store(models).read_json("postprocess.json")

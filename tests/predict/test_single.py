@@ -10,10 +10,10 @@ from PIL import Image
 
 from segflow.geometry import from_frame, place
 from segflow.imaging import Rejected, decode_image
-from segflow.masks import expand_box, largest_box, masked_crop
+from segflow.masks import expand_box, full_size_mask, largest_box, masked_crop, postprocess
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import load_ensemble
-from segflow.predict.postprocess import full_size_mask, postprocess, resolve_choice
+from segflow.predict.postprocess import resolve_choice
 from segflow.predict.run import predict
 from segflow.predict.single import finish, masked_crop_png, prepare, segment_bytes
 from segflow.storage import StorageOptions, Store

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from segflow.evaluate import evaluate
-from segflow.ingest import IngestConfig, ingest
 from segflow.storage import Store
 from segflow.train import train
 from segflow.train.budget import BudgetError, parse_budget
@@ -22,8 +21,8 @@ from segflow.train.plan import (
     deadline_lr,
     measure,
 )
-from tests.makers import coded_pair, png_bytes, write_isic
-from tests.train.conftest import small_config
+from tests.makers import png_bytes
+from tests.train.conftest import dataset_with_large_masks, small_config
 
 FP = Fingerprint(
     n_images=2000,
@@ -123,26 +122,11 @@ def test_run_stops_before_the_deadline_with_every_artifact(local, tiny_dataset, 
     assert again.folds[0].status == "skipped"
 
 
-def _dataset_with_large_masks(local, n: int = 12) -> tuple[str, Store]:
-    """Images at 32x32 whose masks are at 72x96, as ISIC's published training set."""
-    raw = Store(f"{local.base}/raw", local.storage)
-    write_isic(raw, range(n), h=32, w=32)
-    for k in range(n):
-        _, mask = coded_pair(k, 72, 96)
-        raw.write_bytes(f"ISIC_{k:07d}_segmentation.png", png_bytes(mask))
-    url = f"{local.base}/ds"
-    cfg = IngestConfig(
-        layout="isic", source=raw.url, dataset=url, size=(32, 32), storage=local.storage
-    )
-    ingest(cfg)
-    return url, raw
-
-
 def test_full_resolution_scores_equal_evaluate(local):
     from segflow.dataset import Dataset
     from segflow.train.fullres import fold_scores, prediction, source_truth
 
-    url, raw = _dataset_with_large_masks(local)
+    url, raw = dataset_with_large_masks(local)
     dataset = Dataset(Store(url, local.storage))
     rng = np.random.default_rng(0)
     # blurry probabilities: the inverse resize and the threshold both matter
@@ -168,7 +152,7 @@ def test_full_resolution_scores_equal_evaluate(local):
 
 
 def test_fold_reports_original_and_training_resolution(local):
-    url, _ = _dataset_with_large_masks(local)
+    url, _ = dataset_with_large_masks(local)
     models = f"{local.base}/m"
     result = train(small_config(url, models, local.storage, epochs=1, fold_ids=[0]))
     fold = result.folds[0]
@@ -226,7 +210,7 @@ def test_missing_source_masks_leave_the_fold_done(local):
     from segflow.dataset import Dataset
     from segflow.train.fullres import seconds_per_image
 
-    url, _ = _dataset_with_large_masks(local)
+    url, _ = dataset_with_large_masks(local)
     dataset = Dataset(Store(url, local.storage))
     _delete_source_mask(dataset, 0, local.storage)
     assert seconds_per_image(dataset, local.storage) >= 0  # the planner measures the rest

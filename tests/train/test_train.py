@@ -58,6 +58,15 @@ def test_model_learns_and_writes_every_artifact(tiny_dataset, local):
     assert len(val_rows) == 12
     others = sorted(set(range(24)) - set(val_rows))
     assert all(oof[r].max() > 0 for r in val_rows) and all(oof[r].max() == 0 for r in others)
+    # ... and they are what `segflow predict` computes with this fold and its default TTA
+    from segflow.dataset import Dataset
+    from segflow.predict.ensemble import load_ensemble
+
+    images = (
+        Dataset(Store(tiny_dataset, local.storage)).group["images"].oindex[np.asarray(val_rows)]
+    )
+    expected = load_ensemble(local.store("models"), [0], "cpu").predict(images, "flips")
+    assert np.abs(oof.oindex[np.asarray(val_rows)] / 255 - expected).max() <= 0.5 / 255 + 1e-6
     # a completed fold is skipped on rerun
     again = fit_fold(cfg, 0)
     assert again.status == "skipped" and again.best_epoch == res.best_epoch

@@ -69,6 +69,7 @@ class ChoiceManifest(Manifest):
     n_images: int
     review_threshold: float | None = None  # needs_review cut on uncertainty, calibrated OOF
     review: dict[str, Any] | None = None  # its OOF precision, recall, F1 (Calibration)
+    resolution: str | None = None  # "original" or "training": where the OOF was scored
 
 
 class VersionManifest(Manifest):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import zip_longest
 from typing import Any
@@ -25,51 +25,19 @@ from typing import Any
 import numpy as np
 
 from segflow.errors import DatasetError, InputError
-from segflow.geometry import Placement, from_frame
-from segflow.masks import fill_holes, largest_component
+from segflow.masks import POSTPROCESS, fill_holes, largest_component
 from segflow.metrics import TJ_THRESHOLD
 from segflow.predict.uncertainty import calibrate_oof
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.predict")
 
-POSTPROCESS = ("none", "lcc", "lcc_fill")
 THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.1, 0.91, 0.05), 2))
 MIN_GAIN = 1e-4  # a post-processing step must beat "none" by more than this to be adopted
 CHUNK = 64  # images per read: 64 x 256 x 256 keeps every temporary array in the tens of MB
 CHOICE_FILE = "postprocess.json"
 
 _FOLD_DIR = re.compile(r"^fold-(\d+)$")
-
-
-# -- applying it ----------------------------------------------------------------------------------
-def postprocess(mask: np.ndarray, method: str) -> np.ndarray:
-    """Apply ``method`` (one of :data:`POSTPROCESS`) to an (H, W) mask; "none" returns it
-    unchanged, "lcc_fill" keeps the largest component, then fills its holes."""
-    if method not in POSTPROCESS:
-        raise ValueError(f"unknown post-processing {method!r}; allowed: {', '.join(POSTPROCESS)}")
-    if method == "none":
-        return mask
-    kept = largest_component(mask)
-    return fill_holes(kept) if method == "lcc_fill" else kept
-
-
-def full_size_mask(
-    prob: np.ndarray, placement: Placement, threshold: float, method: str
-) -> np.ndarray:
-    """One probability frame (as ``Ensemble.predict`` returns it) -> the final bool mask at the
-    original size. The probabilities are resized back before the threshold, so the mask's
-    edges follow the bilinear probability surface instead of blocky frame pixels. The batch
-    predictor and the server both call this: a served mask equals the batch one."""
-    return full_size(prob, placement, threshold, method)[1]
-
-
-def full_size(
-    prob: np.ndarray, placement: Placement, threshold: float, method: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`full_size_mask` and the probabilities at the original size it was cut from."""
-    full = from_frame(prob.astype(np.float32), placement, nearest=False)
-    return full, postprocess(full >= threshold, method)
 
 
 # -- the choice -----------------------------------------------------------------------------------
@@ -84,6 +52,9 @@ class Choice:
     # needs_review = uncertainty >= review_threshold, calibrated on OOF (None: not calibrated)
     review_threshold: float | None = None
     review: dict[str, Any] | None = None  # segflow.predict.uncertainty.Calibration
+    # where the OOF images were scored: "original" (each source mask's own resolution, as
+    # the product's masks are judged) or "training" (the dataset frame); None: before it was said
+    resolution: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,22 +78,43 @@ def choose(
     the chosen one); a one-shot iterator is read once, scoring post-processing at every
     threshold (bounded memory, more labelling).
     """
-    ts = _thresholds(thresholds)
     one_shot = _is_one_shot(probs) or _is_one_shot(truths)
+    return _choose(lambda: _pairs(probs, truths), _thresholds(thresholds), one_shot)[0]
+
+
+def choose_pairs(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Sequence[float] = THRESHOLDS
+) -> tuple[Choice, np.ndarray]:
+    """:func:`choose` on a re-iterable of ``(prob, truth)`` pairs, each of its own size (an
+    image at its original resolution, see :mod:`segflow.train.fullres`), read twice; also
+    each image's plain Jaccard at the chosen threshold and post-processing, in the pairs'
+    order (what the review calibration is fitted to)."""
+    if _is_one_shot(pairs):
+        raise ValueError("choose_pairs reads its pairs twice: pass a re-iterable, not an iterator")
+    choice, jaccard = _choose(
+        lambda: (_pair(p, t) for p, t in pairs), _thresholds(thresholds), False
+    )
+    return choice, jaccard  # type: ignore[return-value]
+
+
+def _choose(
+    pairs: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], ts: np.ndarray, one_shot: bool
+) -> tuple[Choice, np.ndarray | None]:
     methods = POSTPROCESS if one_shot else ("none",)
-    sums, n = _tally(_pairs(probs, truths), ts, methods)
+    sums, n = _tally(pairs(), ts, methods)
     if n == 0:
         raise ValueError("no images to choose a threshold on: probs and truths are empty")
     by_threshold = sums[0] / n
     best = _best_threshold(ts, by_threshold)
+    jaccard = None
     if one_shot:
         at_best = sums[:, best] / n
-    else:
-        pp, _ = _tally(_pairs(probs, truths), ts[best : best + 1], POSTPROCESS[1:])
-        at_best = np.concatenate([[by_threshold[best]], pp[:, 0] / n])
+    else:  # one more read, at the chosen threshold only: every step's per-image Jaccard
+        jaccard = _jaccard_at(pairs(), ts[best])
+        at_best = _thresholded(jaccard).mean(1)
     by_method = {m: float(s) for m, s in zip(POSTPROCESS, at_best, strict=True)}
     method = _best_method(by_method)
-    return Choice(
+    choice = Choice(
         threshold=float(ts[best]),
         postprocess=method,
         oof_thresholded_jaccard=by_method[method],
@@ -130,6 +122,7 @@ def choose(
         oof_by_postprocess=by_method,
         n_images=n,
     )
+    return choice, None if jaccard is None else jaccard[POSTPROCESS.index(method)]
 
 
 def _thresholds(thresholds: Sequence[float]) -> np.ndarray:
@@ -208,9 +201,32 @@ def _tj_all_thresholds(levels: np.ndarray, truth: np.ndarray, n_t: int) -> np.nd
 
 def _tj(inter: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """segflow.metrics.per_image_scores' thresholded Jaccard, from pixel counts."""
+    return _thresholded(_jaccard(inter, pred, truth))
+
+
+def _jaccard(inter: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Plain Jaccard from pixel counts; empty against empty is 1, as in segflow.metrics."""
     union = pred + truth - inter
-    jaccard = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def _thresholded(jaccard: np.ndarray) -> np.ndarray:
     return np.where(jaccard < TJ_THRESHOLD, 0.0, jaccard)
+
+
+def _jaccard_at(pairs: Iterator[tuple[np.ndarray, np.ndarray]], t: float) -> np.ndarray:
+    """(len(POSTPROCESS), N) plain Jaccard of every image after each step at threshold ``t``;
+    the largest component is found once and shared by "lcc" and "lcc_fill"."""
+    out: list[np.ndarray] = []
+    count = np.count_nonzero
+    for prob, truth in pairs:
+        pred = _levels(prob, np.array([t])) > 0
+        for p, tr in zip(pred, truth, strict=True):
+            kept = largest_component(p)
+            steps = (p, kept, fill_holes(kept))
+            n_t = count(tr)
+            out.append(np.array([_jaccard(count(m & tr), count(m), n_t) for m in steps]))
+    return np.array(out, dtype=np.float64).reshape(-1, len(POSTPROCESS)).T
 
 
 def _tj_postprocessed(pred: np.ndarray, truth: np.ndarray, steps: Sequence[str]) -> list[float]:
@@ -260,13 +276,19 @@ def _pairs(probs: Any, truths: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for prob, truth in zip_longest(_chunks(probs), _chunks(truths), fillvalue=end):
         if prob is end or truth is end:
             raise ValueError("probabilities and truth masks have different numbers of images")
-        if prob.shape != truth.shape:
-            _mismatch(prob.shape, truth.shape)
-        if prob.ndim == 2:
-            prob, truth = prob[None], truth[None]
-        if prob.ndim != 3:
-            raise ValueError(f"expected (H, W) or (B, H, W) arrays, got shape {prob.shape}")
-        yield prob, (truth if truth.dtype == bool else truth > 0.5)
+        yield _pair(prob, truth)
+
+
+def _pair(prob: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One item as (B, H, W) probabilities and bool truths, shapes checked."""
+    prob, truth = np.asarray(prob), np.asarray(truth)
+    if prob.shape != truth.shape:
+        _mismatch(prob.shape, truth.shape)
+    if prob.ndim == 2:
+        prob, truth = prob[None], truth[None]
+    if prob.ndim != 3:
+        raise ValueError(f"expected (H, W) or (B, H, W) arrays, got shape {prob.shape}")
+    return prob, (truth if truth.dtype == bool else truth > 0.5)
 
 
 def _mismatch(prob_shape: Sequence[int], truth_shape: Sequence[int]) -> None:
@@ -277,53 +299,57 @@ def _mismatch(prob_shape: Sequence[int], truth_shape: Sequence[int]) -> None:
 
 
 # -- from a models folder -------------------------------------------------------------------------
-class _Rows:
-    """Re-iterable chunks of chosen rows of an (N, H, W) zarr array: one read per chunk."""
-
-    def __init__(self, array: Any, rows: list[int]) -> None:
-        self.array, self.rows = array, rows
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(0, len(self.rows), CHUNK):
-            yield self.array.oindex[np.asarray(self.rows[i : i + CHUNK])]
-
-
 def choose_from_models(models_url: str, dataset_url: str, storage=None) -> Choice:
-    """:func:`choose` on the OOF rows of every finished fold (a fold is finished once it has
-    written ``fold-<k>/oof.json``, which ``train`` does after its OOF probabilities), with the
-    truth masks from the dataset; writes the Choice to ``models/postprocess.json``."""
-    import zarr
-
-    from segflow.dataset import open_group
-
-    models = Store(models_url, storage)
-    rows = _oof_rows(models)
-    probs = _open_probs(models)
-    group = open_group(Store(dataset_url, storage), "r")
-    if "masks" not in group:
-        raise DatasetError(f"dataset {dataset_url} has no masks; OOF scoring needs them")
-    rows = _scorable(rows, group, probs.shape[0], models_url, dataset_url)
-    masks: zarr.Array = group["masks"]  # type: ignore[assignment]
-    choice = choose(_Rows(probs, rows), _Rows(masks, rows))
-    t, method = choice.threshold, choice.postprocess
-    review = calibrate_oof(
-        models,
-        rows,
-        _Rows(probs, rows),
-        _Rows(masks, rows),
-        lambda p: postprocess(p / 255 >= t, method),
-    )
-    if review is not None:
-        choice = replace(choice, review_threshold=review.threshold, review=review.to_dict())
-    models.write_json(CHOICE_FILE, choice.to_dict())
+    """:func:`oof_choice`, written to ``models/postprocess.json``."""
+    choice = oof_choice(models_url, dataset_url, storage).choice
+    Store(models_url, storage).write_json(CHOICE_FILE, choice.to_dict())
     log.info(
-        "post-processing chosen on %d OOF images: threshold %.2f, %s (OOF TJ %.4f)",
+        "post-processing chosen on %d OOF images at the %s resolution: threshold %.2f, %s "
+        "(OOF TJ %.4f)",
         choice.n_images,
+        choice.resolution,
         choice.threshold,
         choice.postprocess,
         choice.oof_thresholded_jaccard,
     )
     return choice
+
+
+@dataclass(frozen=True)
+class OofChoice:
+    """The choice, and what it was made on: the OOF rows and their per-image Jaccard at it."""
+
+    choice: Choice
+    rows: list[int]
+    jaccard: np.ndarray
+
+
+def oof_choice(models_url: str, dataset_url: str, storage=None) -> OofChoice:
+    """:func:`choose_pairs` on the OOF rows of every finished fold (a fold is finished once it
+    has written ``fold-<k>/oof.json``, which ``train`` does after its OOF probabilities), at
+    the original mask resolution wherever the dataset names the source masks (else the
+    dataset frame; see :class:`segflow.train.fullres.OofPairs`), then the ``needs_review``
+    cut calibrated on the same images (:func:`segflow.predict.uncertainty.calibrate_oof`)."""
+    from segflow.dataset import Dataset
+    from segflow.train.fullres import OofPairs
+
+    models = Store(models_url, storage)
+    rows = _oof_rows(models)
+    probs = _open_probs(models)
+    dataset = Dataset(Store(dataset_url, storage))
+    if "masks" not in dataset.group:
+        raise DatasetError(f"dataset {dataset_url} has no masks; OOF scoring needs them")
+    rows = _scorable(rows, dataset.group, probs.shape[0], models_url, dataset_url)
+    masks = dataset.group["masks"]
+    if tuple(probs.shape[1:]) != tuple(masks.shape[1:]):  # another dataset's frame
+        _mismatch(probs.shape, masks.shape)
+    pairs = OofPairs(dataset, rows, probs, storage)
+    choice, jaccard = choose_pairs(pairs)
+    choice = replace(choice, resolution=pairs.resolution)
+    review = calibrate_oof(models, rows, jaccard)
+    if review is not None:
+        choice = replace(choice, review_threshold=review.threshold, review=review.to_dict())
+    return OofChoice(choice, rows, jaccard)
 
 
 def resolve_choice(

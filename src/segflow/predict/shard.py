@@ -20,9 +20,9 @@ from segflow import png
 from segflow.cluster import cpu_count
 from segflow.geometry import Placement, place
 from segflow.imaging import Rejected, decode_image, image_to_frame
+from segflow.masks import full_size
 from segflow.predict.config import PredictConfig
 from segflow.predict.ensemble import Ensemble
-from segflow.predict.postprocess import full_size
 from segflow.predict.table import rejected_row, write_rows
 from segflow.predict.uncertainty import mask_stats
 from segflow.storage import StorageOptions, Store, ref_uri

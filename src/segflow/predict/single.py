@@ -22,11 +22,11 @@ from segflow.masks import (
     Box,
     encode,
     expand_box,
+    full_size_mask,
     largest_box,
     masked_crop,
 )
 from segflow.predict.ensemble import Ensemble
-from segflow.predict.postprocess import full_size_mask
 from segflow.train.model import ModelSpec
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -142,22 +141,6 @@ def calibrate(
     )
 
 
-def per_image_jaccard(
-    probs: Iterable[np.ndarray],
-    truths: Iterable[np.ndarray],
-    binarize: Callable[[np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """Plain per-image Jaccard of ``binarize(prob)`` against each truth (> 0.5), over chunks of
-    (B, H, W); empty vs empty is 1, as in :mod:`segflow.metrics`."""
-    out = []
-    for p_chunk, t_chunk in zip(probs, truths, strict=True):
-        for p, t in zip(p_chunk, t_chunk, strict=True):
-            pred, truth = binarize(p), np.asarray(t) > 0.5
-            union = np.count_nonzero(pred | truth)
-            out.append(np.count_nonzero(pred & truth) / union if union else 1.0)
-    return np.asarray(out, dtype=np.float64)
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
     from scipy.stats import spearmanr
@@ -173,16 +156,11 @@ def needs_review(uncertainty: float | None, threshold: float | None) -> bool | N
     return bool(uncertainty >= threshold)
 
 
-def calibrate_oof(
-    models: Store,
-    rows: list[int],
-    probs: Iterable[np.ndarray],
-    truths: Iterable[np.ndarray],
-    binarize: Callable[[np.ndarray], np.ndarray],
-) -> Calibration | None:
-    """:func:`calibrate` on the OOF images ``rows`` (probabilities and truths in chunks, in
-    step with ``rows``), with the per-image scores the folds stored in ``fold-<k>/oof.json``.
-    ``None``, with a logged note, for folds trained before the score was stored."""
+def calibrate_oof(models: Store, rows: list[int], jaccard: np.ndarray) -> Calibration | None:
+    """:func:`calibrate` on the OOF images ``rows`` (their per-image Jaccard at the chosen
+    threshold and post-processing, in step with ``rows``), with the per-image scores the folds
+    stored in ``fold-<k>/oof.json``. ``None``, with a logged note, for folds trained before
+    the score was stored."""
     stored = oof_uncertainty(models)
     missing = [r for r in rows if r not in stored]
     if missing:
@@ -193,7 +171,6 @@ def calibrate_oof(
             len(rows),
         )
         return None
-    jaccard = per_image_jaccard(probs, truths, binarize)
     found = calibrate(np.array([stored[r] for r in rows]), jaccard)
     if found is None:
         log.warning("no OOF image has a Jaccard below %.2f: no review threshold", REVIEW_BELOW)

@@ -13,6 +13,10 @@ same function as ``segflow evaluate``: so a fold's original-resolution scores eq
 It runs once per fold, on the best checkpoint's OOF probabilities (decoding multi-megapixel
 masks every epoch would cost more than the epoch); the per-epoch validation that picks the
 best checkpoint stays at the training resolution and is labelled so.
+
+The version's threshold and post-processing are chosen on the same footing: :class:`OofPairs`
+gives :func:`segflow.predict.postprocess.choose_pairs` every OOF image at its source mask's
+resolution, the probabilities resized back before the threshold exactly as a predictor does.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import logging
 import math
 import posixpath
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,7 +38,7 @@ from segflow.errors import SegflowError
 from segflow.evaluate import _score
 from segflow.geometry import Placement, place
 from segflow.imaging import decode_mask, mask_to_frame
-from segflow.predict.postprocess import full_size_mask
+from segflow.masks import full_size_mask, full_size_probs
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.train")
@@ -143,3 +148,70 @@ def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: 
         except UNREADABLE:
             continue
     return (time.perf_counter() - t0) / len(rows)
+
+
+class OofPairs:
+    """Re-iterable ``(prob, truth)`` pairs of OOF ``rows``, one image at a time, for choosing
+    a version's threshold and post-processing: at the original mask resolution where the row
+    names its source mask (float probabilities through the predictor's inverse resize, before
+    any threshold; the source binarised by the dataset's rule), else, and for a source that
+    can no longer be read (logged), at the dataset frame. ``resolution`` says which, for the
+    whole set: "original" when any row has a source.
+
+    Sources are decoded and resized on a few threads, at most ``window`` images ahead of the
+    consumer: the memory held is a few original-size images, whatever the number of rows."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        rows: Sequence[int],
+        probs: Any,
+        storage: StorageOptions | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.dataset, self.rows, self.probs, self.storage = dataset, list(rows), probs, storage
+        sources = dataset.column("mask_sources") if "mask_sources" in dataset.group else None
+        self.has_source = [bool(sources is not None and sources[r]) for r in self.rows]
+        self.resolution = RESOLUTION_ORIGINAL if any(self.has_source) else RESOLUTION_FRAME
+        self.threads = max(1, min(threads or cpu_count(), MAX_THREADS))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return bounded_map(self.pair, range(len(self.rows)), self.threads)
+
+    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.rows[i]
+        prob = np.asarray(self.probs[row])
+        if self.has_source[i]:
+            try:
+                truth = source_truth(self.dataset, row, self.storage)
+            except UNREADABLE as e:
+                log.warning("row %d: source mask unreadable, chosen on at the frame: %s", row, e)
+            else:
+                if truth is not None:
+                    p = prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob
+                    full = full_size_probs(p, original_placement(self.dataset, row, truth.shape))
+                    return np.clip(full, 0.0, 1.0, out=full), truth > 0
+        mask = self.dataset.mask(row)
+        if mask is None:  # _scorable keeps labelled rows only
+            raise ValueError(f"row {row} has no truth mask")
+        return prob, mask > 0
+
+
+def bounded_map(
+    fn: Callable[[int], Any], items: Iterable[int], threads: int, ahead: int | None = None
+) -> Iterator[Any]:
+    """``map(fn, items)`` on ``threads`` threads, in order, with at most ``ahead`` (default
+    ``threads + 1``) results computed but not yet consumed: unlike ``Executor.map``, which
+    submits everything at once, the memory held stays bounded."""
+    ahead = ahead or threads + 1
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

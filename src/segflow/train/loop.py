@@ -507,8 +507,9 @@ def _plot(run: Run) -> None:
 
 @torch.no_grad()
 def write_oof(run: Run, data: FoldData, dataset: Dataset) -> None:
-    """The best model's validation probabilities, at the dataset frame size, into
-    ``models/oof.zarr``; each fold writes only its own rows (one writer per chunk)."""
+    """The best model's validation probabilities (the mean of its :data:`OOF_TTA` views, as
+    a predictor computes them), at the dataset frame size, into ``models/oof.zarr``; each fold
+    writes only its own rows (one writer per chunk)."""
     import zarr
 
     state = load_checkpoint(run.out, "best.pt", run.device)
@@ -524,14 +525,21 @@ def write_oof(run: Run, data: FoldData, dataset: Dataset) -> None:
             run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None
         ):
             views = tta_views(run.model, normalise(run, x), OOF_TTA)
-        p = views[0]  # the identity view: the OOF probabilities as before
+        # the mean of the views, as `segflow predict` computes a fold's probabilities with its
+        # default TTA: the threshold and post-processing are chosen on what they will be applied to
+        p = views.mean(0)
         scores += view_disagreement(views[:, :, 0]).cpu().tolist()  # calibrates needs_review
         if p.shape[-2:] != tuple(dataset.size):
             p = F.interpolate(p, size=tuple(dataset.size), mode="bilinear", align_corners=False)
         out = (p[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
         for row, prob in zip(rows.tolist(), out, strict=True):
             probs[row] = prob
-    oof = {"rows": [int(r) for r in data.rows], "scale": 1 / 255, "uncertainty": scores}
+    oof = {
+        "rows": [int(r) for r in data.rows],
+        "scale": 1 / 255,
+        "tta": OOF_TTA,
+        "uncertainty": scores,
+    }
     run.out.write_json("oof.json", oof)
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from segflow.predict.tta import TTA_MODES
+from segflow.predict.uncertainty import OOF_TTA
 from segflow.train.budget import BudgetError, format_seconds, parse_budget
 
 if TYPE_CHECKING:
@@ -45,6 +47,10 @@ DEFAULT_MAX_SIDE = 256  # the default input side without a budget (see default_s
 SAFETY = 1.1  # an epoch costs its measured steps plus data loading, logging and checkpoints
 MAX_EPOCHS = 100  # a generous budget buys more epochs up to here, then nothing more
 SPENT_STEP = 5.0  # seconds: planning time is rounded up to this
+#: reads of every OOF image that choosing the post-processing takes: the threshold sweep, then
+#: the post-processing steps at the chosen threshold (each read costs what a full-resolution
+#: score does: decode the source mask, resize the probabilities back)
+CHOOSE_READS = 2
 WARMUP_EPOCHS = 1  # linear warm-up before the cosine to the deadline
 
 
@@ -244,6 +250,9 @@ class Workload:
     n_val: int  # images per fold's validation set
     finish_s_per_image: float  # full-resolution scoring of one validation image (measured)
     spent_s: float = 0.0  # already used: fingerprint and step timing
+    # after the last round: the version's threshold and post-processing, chosen on every OOF
+    # image at its original resolution (segflow.predict.postprocess.oof_choice)
+    choose_s: float = 0.0
     slowdown: float = 1.0  # step time multiplier when concurrent folds share one CPU
     min_epochs: int = 8
 
@@ -300,8 +309,10 @@ def fold_epochs(t: StepTime, work: Workload) -> tuple[int, float, float, float]:
     """(epochs that fit, seconds per epoch, seconds per fold, finishing seconds per fold)."""
     t = t.rounded()
     epoch_s = (work.n_train * t.train_s + work.n_val * t.infer_s) * work.slowdown * SAFETY
-    finish_s = work.n_val * (t.infer_s * work.slowdown + work.finish_s_per_image) * SAFETY
-    fold_s = (work.budget_s - work.spent_s) / work.rounds
+    # the OOF pass runs every view of OOF_TTA; then each image is scored at full resolution
+    oof_s = t.infer_s * len(TTA_MODES[OOF_TTA]) * work.slowdown
+    finish_s = work.n_val * (oof_s + work.finish_s_per_image) * SAFETY
+    fold_s = (work.budget_s - work.spent_s - work.choose_s) / work.rounds
     n = math.floor((fold_s - finish_s) / epoch_s) if epoch_s > 0 else MAX_EPOCHS
     return max(0, min(n, MAX_EPOCHS)), epoch_s, fold_s, finish_s
 
@@ -325,13 +336,14 @@ def choose_plan(
     if epochs < 1:
         cheapest = order[0]
         _, e_s, _, f_s = fits[cheapest]
-        minimum = work.spent_s + work.rounds * (e_s + f_s)
+        minimum = work.spent_s + work.choose_s + work.rounds * (e_s + f_s)
         raise BudgetError(
             work.budget_s,
             math.ceil(minimum),
             f"{cheapest.label}: {format_seconds(e_s)} per epoch and {format_seconds(f_s)} to "
             f"finish each of {work.folds} fold(s) in {work.rounds} round(s), after "
-            f"{format_seconds(work.spent_s)} of planning; {fp.n_labelled} labelled images",
+            f"{format_seconds(work.spent_s)} of planning, and {format_seconds(work.choose_s)} "
+            f"to choose the post-processing; {fp.n_labelled} labelled images",
         )
     if not good:
         log.warning(
@@ -419,6 +431,8 @@ def plan_run(
         timer = RayStepTimer(cfg, gpus) if gpus else TorchStepTimer(cfg)
     finish = _round2(seconds_per_image(dataset, cfg.storage))
     n_val = math.ceil(fp.n_labelled / cfg.folds)
+    # measured on one thread; the choice reads on several, so this errs on the safe side
+    choose_s = _round2(CHOOSE_READS * finish * min(n_val * folds, fp.n_labelled))
     work = Workload(
         budget_s=budget,
         folds=folds,
@@ -426,6 +440,7 @@ def plan_run(
         n_train=fp.n_labelled - fp.n_labelled // cfg.folds,
         n_val=n_val,
         finish_s_per_image=finish,
+        choose_s=choose_s,
         slowdown=slowdown,
         min_epochs=cfg.min_epochs,
     )
@@ -437,6 +452,7 @@ def plan_run(
         **plan.to_dict(),
         "fingerprint": fp.to_dict(),
         "finish_s_per_image": finish,
+        "choose_s": choose_s,
         "devices": devices,
         "slowdown": slowdown,
         "planning_s": spent,
