@@ -416,6 +416,21 @@ def first_per_id(paired: Paired, root: Store | None, use: str) -> Paired:
     return Paired(list(kept.values()), dropped)
 
 
+def select_images(source: Store, spec: Pairing, task: str) -> Paired:
+    """The images of ``source`` that ``spec`` selects, without masks (``segflow predict`` and
+    ``segflow crops`` read only images); selecting none at all is a :class:`PairingError`."""
+    paired = find_pairs(spec, source, source.list(), None, None)
+    if not paired.candidates:
+        how = (
+            f"--pairs {spec.pairs}"
+            if spec.pairs
+            else f"--image-pattern {_q(str(spec.image_pattern))}"
+        )
+        why = f"; e.g. {paired.dropped[0].detail}" if paired.dropped else ""
+        raise PairingError(f"no image to {task} under {source.url} from {how}{why}")
+    return paired
+
+
 def list_images(
     source_url: str,
     storage: StorageOptions | None,
@@ -424,17 +439,12 @@ def list_images(
     pairs: str | None,
 ) -> tuple[list[tuple[str, str, str]], list[dict[str, str]]]:
     """What ``segflow predict --image-pattern/--pairs`` reads: ``(id, path relative to the
-    source, fingerprint)`` per image, and the CSV rows left out as ``{file, id, reason,
+    source, fingerprint)`` per image, and the rows left out as ``{file, id, reason,
     detail}``."""
-    source = Store(source_url, storage)
-    files = source.list()
     spec = Pairing(image_glob, image_pattern, None, pairs)
-    paired = find_pairs(spec, source, files, None, None)
+    paired = select_images(Store(source_url, storage), spec, "predict")
     found = [(c.id, c.image.rel, c.image.fingerprint) for c in paired.candidates]
     dropped = [
         {"file": d.file, "id": d.id, "reason": d.reason, "detail": d.detail} for d in paired.dropped
     ]
-    if not found:
-        why = f"; e.g. {dropped[0]['detail']}" if dropped else ""
-        raise PairingError(f"no image to predict under {source.url} from --pairs {pairs}{why}")
     return found, dropped
