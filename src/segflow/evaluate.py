@@ -137,8 +137,10 @@ def evaluate(
 
     ``image_pattern`` (with ``mask_template``) or ``pairs`` pair the truth as ``segflow
     ingest`` does (:mod:`segflow.pairing`): ``truth`` is then the archive that holds the
-    images (the pattern) or the masks the CSV names; a CSV row whose mask is missing is
-    reported in ``errors``."""
+    images (the pattern) or the masks the CSV names (its image cells only name the rows: no
+    image is read, so they may be anywhere); a CSV row whose mask is missing, an id that
+    cannot name a row, and a second image of one id are reported in ``errors``, with the
+    reasons ingest gives them."""
     preds = open_predictions(predictions, storage, layout)
     pred_store, truth_store = preds.masks_store, Store(truth, storage)
     truth_naming = mask_template or layout or preds.layout

@@ -1,6 +1,6 @@
 """Which files are images, what their ids are, and which mask belongs to each: one meaning of
 ``--image-glob``, ``--image-pattern``, ``--mask-template`` and ``--pairs`` for ``segflow
-ingest`` (the ``folder`` layout), ``segflow predict`` and ``segflow evaluate``.
+ingest`` (the ``folder`` layout), ``segflow predict``, ``segflow evaluate`` and ``segflow crops``.
 
 Two ways to pair (docs/dataset.md, "Pairing images and masks"):
 
@@ -13,12 +13,15 @@ Two ways to pair (docs/dataset.md, "Pairing images and masks"):
   ``{id}`` is the file's stem.
 * **a pairs CSV** (``pairs``, as MONAI's datalists): columns ``image`` and ``mask`` (or
   ``label``), optional ``group`` and ``id``; paths relative to the CSV's folder or absolute
-  URLs, inside the image (mask) root. The id is the ``id`` cell, else the image's stem.
+  URLs, inside the image (mask) root; a command that reads no image (evaluate) takes the image
+  cell from anywhere, as the row's name. The id is the ``id`` cell, else the image's stem.
 
 A pairing that cannot be right (a pattern that matches nothing, a template that names an
 unknown field, two images naming one mask, a CSV without its columns) is a
 :class:`PairingError` that shows one example of each side; a row of a pairs CSV whose file is
-missing or outside the root is dropped with its reason (:class:`Dropped`) and the rest goes on.
+missing or outside the root is dropped with its reason (:class:`Dropped`) and the rest goes on,
+and so is a second image of one id (:func:`first_per_id`, for evaluate and crops; ingest and
+predict drop those where their rows are planned).
 """
 
 from __future__ import annotations
