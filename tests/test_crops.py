@@ -324,3 +324,92 @@ def test_predictions_as_masks_folder_or_plain_folder(local):
         make_crops(CropsConfig(predictions=source.url, source=source.url, out=local.url("e")))
     named = CropsConfig(predictions=plain.url, source=source.url, out=local.url("d"), layout="isic")
     assert make_crops(named).n_ok == 2
+
+
+# -- pairing options (segflow.pairing): the images predict chose, by the same options ----------
+DRIVE_PATTERN = r"images/(?P<id>\d+)_test\.png"
+
+
+def _drive(source: Store, preds: Store, ids: tuple[str, ...], masks: tuple[str, ...]) -> dict:
+    """Source images named as DRIVE's (images/01_test.png) and a predict output whose masks are
+    named by the pattern's ids (masks/01.png), as `segflow predict --image-pattern` writes."""
+    arrays = {}
+    for k, i in enumerate(ids):
+        img, mask = _pair(k)
+        arrays[i] = (img, mask)
+        source.write_bytes(f"images/{i}_test.png", png_bytes(img))
+    for k, i in enumerate(masks):
+        preds.write_bytes(f"masks/{i}.png", png_bytes(arrays.get(i, _pair(k))[1]))
+    preds.write_json("predictions.json", {"layout": "folder"})
+    return arrays
+
+
+def test_image_pattern_pairs_masks_with_the_images_predict_used(local):
+    preds, source = local.store("preds"), local.store("src")
+    arrays = _drive(source, preds, ("01", "02"), ("01", "02", "03"))
+    source.write_bytes("images/notes.png", png_bytes(np.zeros((4, 4), np.uint8)))  # no match
+    plain = make_crops(CropsConfig(predictions=preds.url, source=source.url, out=local.url("a")))
+    assert plain.errors_by_reason == {"missing_image": 3}  # <id>.* is not DRIVE's naming
+    cfg = CropsConfig(
+        predictions=preds.url,
+        source=source.url,
+        out=local.url("b"),
+        image_pattern=DRIVE_PATTERN,
+        margin=0,
+    )
+    result = make_crops(cfg)
+    assert (result.n_ok, result.errors_by_reason) == (2, {"missing_image": 1})
+    rows = _manifest(local.store("b"))
+    assert "no image of id 03" in rows["03"]["detail"] and DRIVE_PATTERN in rows["03"]["detail"]
+    img, mask = arrays["02"]
+    got = _decode(local.store("b"), "masked/02.png")
+    top, left = 8 + 1, 10 + 1  # _pair(1)'s lesion
+    box = (slice(top, top + 15), slice(left, left + 20))
+    np.testing.assert_array_equal(got, np.where((mask[box] > 0)[..., None], img[box], 0))
+    again = make_crops(cfg)
+    assert (again.n_ok, again.n_skipped) == (2, 3)
+
+
+def test_pairs_csv_image_column_and_ids_with_sub_folders(local):
+    preds, source = local.store("preds"), local.store("src")
+    _drive(source, preds, ("01", "02"), ("a", "sub/b", "c"))
+    source.write_bytes(
+        "pairs.csv",
+        b"image,mask,id\n"
+        b"images/01_test.png,ignored.gif,a\n"  # crops reads only the image column
+        b"images/02_test.png,,sub/b\n"
+        b"images/09_test.png,,c\n",  # no such file: c's row says why
+    )
+    cfg = CropsConfig(
+        predictions=preds.url,
+        source=source.url,
+        out=local.url("out"),
+        pairs=source.uri("pairs.csv"),
+        mode="crop",
+    )
+    result = make_crops(cfg)
+    assert (result.n_ok, result.errors_by_reason) == (2, {"unreadable": 1})
+    out = local.store("out")
+    rows = _manifest(out)
+    assert rows["sub/b"]["outputs"] == "crop/sub/b.png" and out.exists("crop/sub/b.png")
+    assert "line 4" in rows["c"]["detail"] and "09_test.png" in rows["c"]["detail"]
+
+
+def test_bad_pairing_is_a_clear_error_on_the_command_line(local):
+    from typer.testing import CliRunner
+
+    from segflow.cli import app
+    from segflow.errors import ConfigError, PairingError
+
+    preds, source = local.store("preds"), local.store("src")
+    _drive(source, preds, ("01",), ("01",))
+    args = ["crops", "--predictions", preds.url, "--source", source.url, "--out", local.url("o")]
+    res = CliRunner().invoke(app, [*args, "--image-pattern", r"(?P<id>\d+)_test\.png"])
+    assert isinstance(res.exception, PairingError), res.output
+    # it matched a file name, not the whole path: the message says so and gives the fix
+    assert "matches none of" in str(res.exception) and "images/01_test.png" in str(res.exception)
+    both = ["--image-pattern", DRIVE_PATTERN, "--pairs", source.uri("pairs.csv")]
+    res = CliRunner().invoke(app, [*args, *both])
+    assert isinstance(res.exception, ConfigError) and "not both" in str(res.exception)
+    res = CliRunner().invoke(app, [*args, "--image-pattern", DRIVE_PATTERN, "--json"])
+    assert res.exit_code == 0, res.output

@@ -282,3 +282,47 @@ def test_mask_template_must_name_the_stem(local):
     put(truth, "a_lesion.png", square())
     with pytest.raises(ConfigError, match="stem"):
         evaluate(preds.url, truth.url, mask_template="{name}_lesion.png")
+
+
+# -- pairing options (segflow.pairing): the same rules as ingest and predict --------------------
+def test_pairs_csv_images_may_be_anywhere_masks_inside_truth(local):
+    """Evaluate reads no image: a pairs CSV's image cell only names the row, so an ingest CSV
+    (images/ and truth/ beside it) works with --truth the masks' folder; a mask outside
+    --truth is still refused, as ingest refuses one outside --masks."""
+    archive, preds = local.store("archive"), local.store("pred")
+    _predict_output(preds, {"01": square(), "02": square(left=3)}, layout="folder")
+    put(archive, "truth/01_manual.png", square())
+    put(archive, "truth/02_manual.png", square())
+    put(archive, "elsewhere/03_manual.png", square())
+    archive.write_bytes(
+        "pairs.csv",
+        b"image,mask\n"
+        b"images/01.tif,truth/01_manual.png\n"  # images/ is not inside --truth
+        + f"{archive.uri('images/02.tif')},{archive.uri('truth/02_manual.png')}\n".encode()
+        + b"images/03.tif,elsewhere/03_manual.png\n",
+    )
+    res = evaluate(preds.url, archive.uri("truth"), pairs=archive.uri("pairs.csv"))
+    assert res.n == 2 and res.mean_dice == pytest.approx((1.0 + 0.75) / 2)
+    assert list(res.errors) == ["03"] and "outside" in res.errors["03"]
+    assert "--truth" in res.errors["03"]
+
+
+def test_image_pattern_ids_are_checked_and_deduplicated_as_ingest_does(local):
+    """An id that cannot name a row (empty) is left out with its reason; two images of one
+    id: the first in path order is scored, the other is duplicate_id."""
+    archive, preds = local.store("archive"), local.store("pred")
+    _predict_output(preds, {"01": square(), "02": square()}, layout="folder")
+    for name in ("01_test.png", "02_test.png", "02_test.tif", "_test.png"):
+        archive.write_bytes(f"images/{name}", b"not read")
+    for i in ("01", "02", ""):
+        put(archive, f"truth/{i}_manual.png", square())
+    res = evaluate(
+        preds.url,
+        archive.url,
+        image_pattern=r"images/(?P<id>\d*)_test\.(?:png|tif)",
+        mask_template="../truth/{id}_manual.png",
+    )
+    assert (res.n, res.mean_dice, res.missing_predictions) == (2, 1.0, [])
+    assert res.errors[""].startswith("unreadable: the id is empty")
+    assert res.errors["02"].startswith("duplicate_id: images/02_test.tif has the id 02")
+    assert "images/02_test.png, which is scored" in res.errors["02"]

@@ -372,6 +372,7 @@ def test_the_flags_are_on_every_command():
         ("ingest", ("--image-pattern", "--mask-template", "--pairs")),
         ("predict", ("--image-pattern", "--pairs")),
         ("evaluate", ("--image-pattern", "--mask-template", "--pairs")),
+        ("crops", ("--image-glob", "--image-pattern", "--pairs")),
     ]:
         out = runner.invoke(app, [command, "--help"], terminal_width=200).output
         assert all(f in out for f in flags), (command, out)

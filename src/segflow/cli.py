@@ -257,7 +257,9 @@ def evaluate(
         ),
     ] = None,
     image_pattern: Annotated[str | None, typer.Option(help=IMAGE_PATTERN_HELP)] = None,
-    pairs: Annotated[str | None, typer.Option(help=f"{PAIRS_HELP} (inside --truth)")] = None,
+    pairs: Annotated[
+        str | None, typer.Option(help=f"{PAIRS_HELP} (masks inside --truth; images not read)")
+    ] = None,
     endpoint_url: StorageOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -319,8 +321,8 @@ def export_rle(
 @app.command()
 @config_options(
     CropsConfig,
-    "predictions source out layout mode margin background format quality "
-    "min_area_frac dask_address workers",
+    "predictions source out layout image_glob image_pattern pairs mode margin background format "
+    "quality min_area_frac dask_address workers",
 )
 def crops(
     endpoint_url: StorageOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False, **opts: Any

@@ -9,6 +9,13 @@ filled with ``background``), ``mask`` (the component mask in the box, 0/255 PNG)
 The array operations are in :mod:`segflow.masks`. A file that cannot be decoded (whatever the
 decoder raises) becomes that image's ``error`` row with its reason; the run goes on.
 
+Which source image belongs to a mask: by default the file ``<id>.*`` at the top of ``source``.
+With ``image_pattern`` or ``pairs`` the images and their ids are chosen as ``segflow predict``
+chose them from the same options (:mod:`segflow.pairing`: one implementation), so the masks of
+a predict run with ``--image-pattern`` / ``--pairs`` find their images by the same ids; masks
+may then sit in sub-folders (an id may hold ``/``). Two images of one id: the first in path
+order is used, the other is ``duplicate_id`` (as predict does).
+
 Resumability: each image's output files are written first (atomically), then its done record
 ``_done/<id>.json``, which holds its manifest row and a key over the config and the input
 fingerprints. A rerun skips every image whose record has the current key, so a run killed at
@@ -19,6 +26,7 @@ any point and rerun ends with the same files as an uninterrupted run. ``crops.cs
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import logging
 import math
@@ -26,13 +34,14 @@ import os
 import posixpath
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from segflow.cluster import cpu_count, dask_address
 from segflow.config import StageConfig
@@ -47,6 +56,14 @@ from segflow.masks import (
     encode,
     expand_box,
     largest_box,
+)
+from segflow.pairing import (
+    IMAGE_PATTERN_HELP,
+    PAIRS_HELP,
+    Dropped,
+    Pairing,
+    first_per_id,
+    select_images,
 )
 from segflow.predict.outputs import (
     LAYOUT_HELP,
@@ -91,6 +108,10 @@ class CropsConfig(StageConfig):
     source: str = Field(description="URL of the original images (<id>.jpg, .png, ...)")
     out: str = Field(description="URL to write crops to")
     layout: Literal["isic", "folder"] | None = Field(None, description=LAYOUT_HELP)
+    # which source file is a mask's image: the same options, with the same meaning, as predict
+    image_glob: str = Field("*", description="which source files are images (fnmatch of paths)")
+    image_pattern: str | None = Field(None, description=IMAGE_PATTERN_HELP)
+    pairs: str | None = Field(None, description=f"{PAIRS_HELP}; only its image column is read")
     mode: Literal["masked", "crop", "mask", "all"] = Field(
         "masked", description="masked | crop | mask | all"
     )
@@ -107,8 +128,25 @@ class CropsConfig(StageConfig):
     dask_address: str | None = Field(None, description="Dask scheduler address")
     max_pixels: int = Field(178_956_970, ge=1)
 
+    @model_validator(mode="after")
+    def _one_pairing(self) -> CropsConfig:
+        if self.image_pattern and self.pairs:
+            raise ValueError("give --image-pattern (pairing by name) or --pairs (a CSV), not both")
+        return self
+
+    @property
+    def pairing(self) -> Pairing | None:
+        """How the images are chosen, when not by ``<id>.*`` at the top of the source."""
+        if not (self.image_pattern or self.pairs):
+            return None
+        return Pairing(self.image_glob, self.image_pattern, None, self.pairs)
+
 
 _NOT_IN_KEY = CropsConfig.runtime_fields | {"out"}
+#: left out of the key at their defaults, so the records of runs made before the options
+#: existed stay valid (which image a mask gets is in the key anyway: its fingerprint, and with
+#: a pairing its path)
+_PAIRING_FIELDS = ("image_glob", "image_pattern", "pairs")
 
 
 @dataclass
@@ -200,43 +238,94 @@ def make_crops(cfg: CropsConfig) -> CropsResult:
 def discover(cfg: CropsConfig, predictions: Predictions, source: Store) -> list[Item]:
     """The masks of ``predictions`` paired with their source images, by id."""
     store, layout = predictions.masks_store, predictions.layout
-    masks = _mask_files(store.list(), layout)
+    masks = _mask_files(store.list(), layout, nested=cfg.pairing is not None)
     if not masks:
         want = "<id>_segmentation.png" if layout == "isic" else "<id>.png"
         raise InputError(
             f"no {want} masks at {store.url} (layout {layout}); --predictions must be "
             f"{PREDICTIONS_HELP}"
         )
-    images = _image_files(source.list())
     # where the outputs go does not change them: two out folders get the same records; the
     # layout is the one in effect (the predict run's), not the option as given
     public = {**cfg.public_dict(), "layout": layout}
-    config_key = sha256_json({k: v for k, v in public.items() if k not in _NOT_IN_KEY})
+    config_key = sha256_json(
+        {
+            k: v
+            for k, v in public.items()
+            if k not in _NOT_IN_KEY
+            and not (k in _PAIRING_FIELDS and v == CropsConfig.model_fields[k].default)
+        }
+    )
+    pick = _image_picker(cfg, source, layout)
     items = []
     for image_id, mask in sorted(masks.items()):
-        image, problem = _pick_image(image_id, images.get(image_id, []), layout, source)
-        fp = (mask.fingerprint, image.fingerprint if image else None, problem)
+        image, problem = pick(image_id)
+        fp: list[Any] = [mask.fingerprint, image.fingerprint if image else None, problem]
+        if cfg.pairing is not None:  # a pairing may give an id another file of the same size
+            fp.append(image.rel if image else None)
         key = sha256_json([config_key, fp])
         items.append(Item(image_id, mask.rel, image.rel if image else None, key, problem))
     return items
 
 
-def _mask_files(files: list[FileInfo], layout: MaskLayout) -> dict[str, FileInfo]:
+def _mask_files(files: list[FileInfo], layout: MaskLayout, nested: bool) -> dict[str, FileInfo]:
+    """id -> mask file; ``nested``: masks in sub-folders too (a pairing's ids may hold ``/``,
+    and predict writes ``masks/<id>.png``)."""
     found = {}
     for f in files:
-        image_id = None if "/" in f.rel else mask_id(f.rel, layout)
+        image_id = None if "/" in f.rel and not nested else mask_id(f.rel, layout)
         if image_id is not None:
             found[image_id] = f
     return found
 
 
-def _image_files(files: list[FileInfo]) -> dict[str, list[FileInfo]]:
+def _image_files(files: list[FileInfo], image_glob: str) -> dict[str, list[FileInfo]]:
     by_stem: dict[str, list[FileInfo]] = {}
     for f in files:
         stem, ext = posixpath.splitext(f.rel)
-        if "/" not in f.rel and ext.lower() in IMAGE_SUFFIXES:
+        if "/" in f.rel or ext.lower() not in IMAGE_SUFFIXES:
+            continue
+        if fnmatch.fnmatch(f.rel, image_glob):
             by_stem.setdefault(stem, []).append(f)
     return by_stem
+
+
+#: id -> (its image, or None and the problem)
+Picker = Callable[[str], tuple[FileInfo | None, tuple[str, str] | None]]
+
+
+def _image_picker(cfg: CropsConfig, source: Store, layout: str) -> Picker:
+    if cfg.pairing is not None:
+        return _paired_images(cfg.pairing, source)
+    images = _image_files(source.list(), cfg.image_glob)
+    return lambda image_id: _pick_image(image_id, images.get(image_id, []), layout, source)
+
+
+def _paired_images(spec: Pairing, source: Store) -> Picker:
+    """id -> (image, problem) as ``segflow predict`` chose the images from the same options;
+    an id whose image pairing left out gets pairing's reason (a bad id, a CSV row naming a
+    missing file)."""
+    paired = first_per_id(select_images(source, spec, "crop"), source, "cropped")
+    chosen = {c.id: c.image for c in paired.candidates}
+    left_out: dict[str, Dropped] = {}
+    for d in paired.dropped:
+        left_out.setdefault(d.id, d)
+    for d in paired.dropped[:_LOGGED]:
+        log.warning("crops: %s not used: %s", d.file, d.detail)
+    how = f"--pairs {spec.pairs}" if spec.pairs else f"--image-pattern '{spec.image_pattern}'"
+
+    def pick(image_id: str) -> tuple[FileInfo | None, tuple[str, str] | None]:
+        if image_id in chosen:
+            return chosen[image_id], None
+        d = left_out.get(image_id)
+        if d is not None:
+            return None, (d.reason, d.detail)
+        return None, ("missing_image", f"no image of id {image_id} in {source.uri()} by {how}")
+
+    return pick
+
+
+_LOGGED = 20  # left-out images logged one by one; the rest are in their masks' rows
 
 
 def _pick_image(

@@ -33,7 +33,15 @@ from segflow.cluster import cpu_count
 from segflow.errors import ConfigError, InputError, PairingError, SegflowError
 from segflow.geometry import place
 from segflow.imaging import IMAGE_SUFFIXES, Rejected, decode_mask, mask_to_frame
-from segflow.pairing import Dropped, Pairing, check_template, pair_by_name, read_pairs
+from segflow.pairing import (
+    Dropped,
+    Paired,
+    Pairing,
+    check_template,
+    find_pairs,
+    first_per_id,
+    read_pairs,
+)
 from segflow.predict.outputs import MASK_LAYOUTS, open_predictions, template_pattern
 from segflow.storage import StorageOptions, Store, iter_batches
 
@@ -129,8 +137,10 @@ def evaluate(
 
     ``image_pattern`` (with ``mask_template``) or ``pairs`` pair the truth as ``segflow
     ingest`` does (:mod:`segflow.pairing`): ``truth`` is then the archive that holds the
-    images (the pattern) or the masks the CSV names; a CSV row whose mask is missing is
-    reported in ``errors``."""
+    images (the pattern) or the masks the CSV names (its image cells only name the rows: no
+    image is read, so they may be anywhere); a CSV row whose mask is missing, an id that
+    cannot name a row, and a second image of one id are reported in ``errors``, with the
+    reasons ingest gives them."""
     preds = open_predictions(predictions, storage, layout)
     pred_store, truth_store = preds.masks_store, Store(truth, storage)
     truth_naming = mask_template or layout or preds.layout
@@ -194,28 +204,34 @@ def _paired_truth(
     store: Store, image_pattern: str | None, mask_template: str | None, pairs: str | None
 ) -> tuple[dict[str, str], list[Dropped], str]:
     """id -> truth mask path by ``--image-pattern`` + ``--mask-template`` over the images in
-    ``store``, or by a pairs CSV; the CSV rows left out; the naming, as the summary says it."""
+    ``store``, or by a pairs CSV; the rows left out (a bad id, a CSV row without its mask, a
+    second image of one id: the same rules as ingest); the naming, as the summary says it."""
     files = store.list()
+    listed = {f.rel: f for f in files}
     if pairs:
-        by_rel = {f.rel: f for f in files}
-        found = read_pairs(pairs, store.options, store, None, store, by_rel)
-        truth: dict[str, str] = {}
-        for c in found.candidates:
-            if c.mask is not None:
-                truth.setdefault(c.id, c.mask)
-        return truth, found.dropped, f"pairs {pairs}"
-    if mask_template is None:
+        # evaluate reads no image: the image cell only names the row, so it may be anywhere
+        # (relative to the CSV's folder, or absolute); the masks, which are read, must be
+        # inside --truth, as ingest reads them from inside --masks
+        found = read_pairs(pairs, store.options, None, None, store, listed)
+        image_root, naming = None, f"pairs {pairs}"
+    elif mask_template is None:
         raise PairingError(
             f"--image-pattern {image_pattern!r} finds the images; give --mask-template too, "
             "to name each image's truth mask (e.g. '../1st_manual/{id}_manual1.gif')"
         )
-    listed = {f.rel for f in files}
-    spec = Pairing(image_pattern=image_pattern, mask_template=mask_template)
-    truth = {}  # id -> mask path; the first image of an id wins, as elsewhere
-    for c in pair_by_name(files, spec, masks_beside=True, root=store.url):
-        if c.mask in listed:
-            truth.setdefault(c.id, c.mask)
-    return truth, [], f"pattern {image_pattern!r} -> {mask_template!r}"
+    else:
+        spec = Pairing(image_pattern=image_pattern, mask_template=mask_template)
+        found = find_pairs(spec, store, files, store, files)
+        # an image whose mask is not there is not part of the truth (not an error)
+        found = Paired([c for c in found.candidates if c.mask in listed], found.dropped)
+        image_root, naming = store, f"pattern {image_pattern!r} -> {mask_template!r}"
+    found = first_per_id(
+        Paired([c for c in found.candidates if c.mask is not None], found.dropped),
+        image_root,
+        "scored",
+    )
+    truth = {c.id: str(c.mask) for c in found.candidates}
+    return truth, found.dropped, naming
 
 
 def list_masks(store: Store, naming: str) -> dict[str, str]:

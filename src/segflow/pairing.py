@@ -1,6 +1,6 @@
 """Which files are images, what their ids are, and which mask belongs to each: one meaning of
 ``--image-glob``, ``--image-pattern``, ``--mask-template`` and ``--pairs`` for ``segflow
-ingest`` (the ``folder`` layout), ``segflow predict`` and ``segflow evaluate``.
+ingest`` (the ``folder`` layout), ``segflow predict``, ``segflow evaluate`` and ``segflow crops``.
 
 Two ways to pair (docs/dataset.md, "Pairing images and masks"):
 
@@ -13,12 +13,15 @@ Two ways to pair (docs/dataset.md, "Pairing images and masks"):
   ``{id}`` is the file's stem.
 * **a pairs CSV** (``pairs``, as MONAI's datalists): columns ``image`` and ``mask`` (or
   ``label``), optional ``group`` and ``id``; paths relative to the CSV's folder or absolute
-  URLs, inside the image (mask) root. The id is the ``id`` cell, else the image's stem.
+  URLs, inside the image (mask) root; a command that reads no image (evaluate) takes the image
+  cell from anywhere, as the row's name. The id is the ``id`` cell, else the image's stem.
 
 A pairing that cannot be right (a pattern that matches nothing, a template that names an
 unknown field, two images naming one mask, a CSV without its columns) is a
 :class:`PairingError` that shows one example of each side; a row of a pairs CSV whose file is
-missing or outside the root is dropped with its reason (:class:`Dropped`) and the rest goes on.
+missing or outside the root is dropped with its reason (:class:`Dropped`) and the rest goes on,
+and so is a second image of one id (:func:`first_per_id`, for evaluate and crops; ingest and
+predict drop those where their rows are planned).
 """
 
 from __future__ import annotations
@@ -261,14 +264,16 @@ def _one_image_per_mask(found: Iterable[Candidate], template: str | None) -> Non
 def read_pairs(
     url: str,
     storage: StorageOptions | None,
-    image_root: Store,
+    image_root: Store | None,
     image_files: Mapping[str, FileInfo] | None,
     mask_root: Store | None,
     mask_files: Mapping[str, FileInfo] | None,
 ) -> Paired:
     """The rows of the pairs CSV at ``url``. ``image_files`` / ``mask_files`` (rel -> listed
     file) check that each file exists (``None``: not checked); ``mask_root`` ``None``: the
-    ``mask`` column is not needed (predict reads only images)."""
+    ``mask`` column is not needed (predict reads only images); ``image_root`` ``None``: no
+    image is read, the image cell only names the row (evaluate reads only masks), so it may
+    be anywhere and its candidate's ``image.rel`` is its URL."""
     folder, name = _split_csv_url(url)
     try:
         data = Store(folder, storage).read_bytes(name)
@@ -308,14 +313,18 @@ def read_pairs(
             why = f"{where}: {problem}; give the row an id cell of letters, digits, - _ . and /"
             out.dropped.append(Dropped(image_url, "unreadable", why, image_id))
             continue
-        image_rel = _rel_under(image_url, image_root)
-        if image_rel is None:
-            why = f"{where}: {image_cell!r} is outside the source {image_root.url}; " + _OUTSIDE
-            out.dropped.append(Dropped(image_url, "unreadable", why, image_id))
-            continue
+        if image_root is None:  # not read: the cell only names the row
+            image_rel, image_uri = image_url, image_url
+        else:
+            rel = _rel_under(image_url, image_root)
+            if rel is None:
+                why = f"{where}: {image_cell!r} is outside the source {image_root.url}; " + _OUTSIDE
+                out.dropped.append(Dropped(image_url, "unreadable", why, image_id))
+                continue
+            image_rel, image_uri = rel, image_root.uri(rel)
         image = image_files.get(image_rel) if image_files is not None else None
         if image_files is not None and image is None:
-            why = f"{where}: no such file {image_root.uri(image_rel)}"
+            why = f"{where}: no such file {image_uri}"
             out.dropped.append(Dropped(image_url, "unreadable", why, image_id))
             continue
         mask_rel = None
@@ -324,22 +333,21 @@ def read_pairs(
             mask_rel = _rel_under(mask_url, mask_root)
             if mask_rel is None:
                 why = f"{where}: mask {mask_cell!r} is outside {mask_root.url}; " + _OUTSIDE
-                out.dropped.append(
-                    Dropped(image_root.uri(image_rel), "missing_mask", why, image_id)
-                )
+                out.dropped.append(Dropped(image_uri, "missing_mask", why, image_id))
                 continue
             if mask_files is not None and mask_rel not in mask_files:
                 why = f"{where}: the mask {mask_root.uri(mask_rel)} does not exist"
-                out.dropped.append(
-                    Dropped(image_root.uri(image_rel), "missing_mask", why, image_id)
-                )
+                out.dropped.append(Dropped(image_uri, "missing_mask", why, image_id))
                 continue
         image = image or FileInfo(image_rel, 0, "")
         out.candidates.append(Candidate(image_id, cells.get("group", ""), image, mask_rel))
     return out
 
 
-_OUTSIDE = "files are read only from inside it: give a --source (--masks) that holds them"
+_OUTSIDE = (
+    "files are read only from inside it: give a --source (--masks; evaluate: --truth) that "
+    "holds them"
+)
 
 
 def _split_csv_url(url: str) -> tuple[str, str]:
@@ -395,6 +403,37 @@ def find_pairs(
     return out
 
 
+def first_per_id(paired: Paired, root: Store | None, use: str) -> Paired:
+    """The first image of each id in path order stays; the others are dropped as
+    ``duplicate_id`` (as ingest and predict do): two files of one id would name one output,
+    and which one won would depend on the listing. ``use`` says what happens to the kept one
+    (``"scored"``, ``"cropped"``); ``root`` ``None``: ``image.rel`` is already a URL."""
+    kept: dict[str, Candidate] = {}
+    dropped = list(paired.dropped)
+    for c in sorted(paired.candidates, key=lambda c: c.image.rel):
+        first = kept.setdefault(c.id, c)
+        if first is not c:
+            file = root.uri(c.image.rel) if root is not None else c.image.rel
+            why = f"{c.image.rel} has the id {c.id} of {first.image.rel}, which is {use}"
+            dropped.append(Dropped(file, "duplicate_id", why, c.id))
+    return Paired(list(kept.values()), dropped)
+
+
+def select_images(source: Store, spec: Pairing, task: str) -> Paired:
+    """The images of ``source`` that ``spec`` selects, without masks (``segflow predict`` and
+    ``segflow crops`` read only images); selecting none at all is a :class:`PairingError`."""
+    paired = find_pairs(spec, source, source.list(), None, None)
+    if not paired.candidates:
+        how = (
+            f"--pairs {spec.pairs}"
+            if spec.pairs
+            else f"--image-pattern {_q(str(spec.image_pattern))}"
+        )
+        why = f"; e.g. {paired.dropped[0].detail}" if paired.dropped else ""
+        raise PairingError(f"no image to {task} under {source.url} from {how}{why}")
+    return paired
+
+
 def list_images(
     source_url: str,
     storage: StorageOptions | None,
@@ -403,17 +442,12 @@ def list_images(
     pairs: str | None,
 ) -> tuple[list[tuple[str, str, str]], list[dict[str, str]]]:
     """What ``segflow predict --image-pattern/--pairs`` reads: ``(id, path relative to the
-    source, fingerprint)`` per image, and the CSV rows left out as ``{file, id, reason,
+    source, fingerprint)`` per image, and the rows left out as ``{file, id, reason,
     detail}``."""
-    source = Store(source_url, storage)
-    files = source.list()
     spec = Pairing(image_glob, image_pattern, None, pairs)
-    paired = find_pairs(spec, source, files, None, None)
+    paired = select_images(Store(source_url, storage), spec, "predict")
     found = [(c.id, c.image.rel, c.image.fingerprint) for c in paired.candidates]
     dropped = [
         {"file": d.file, "id": d.id, "reason": d.reason, "detail": d.detail} for d in paired.dropped
     ]
-    if not found:
-        why = f"; e.g. {dropped[0]['detail']}" if dropped else ""
-        raise PairingError(f"no image to predict under {source.url} from --pairs {pairs}{why}")
     return found, dropped

@@ -50,6 +50,20 @@ def test_the_flow_layout_reaches_predict_crops_and_evaluate():
     assert own.crops_config(predict, "/out").predictions == "/out"
 
 
+def test_crops_pair_images_as_predict_did():
+    """Masks named by predict's pattern ids find their images only by the same pattern."""
+    pattern = r"images/(?P<id>\d+)_test\.tif"
+    cfg = FlowConfig.parse({"predict": {"image_pattern": pattern}})
+    predict = cfg.predict_config("/run", "/new", "/out")
+    crops = cfg.crops_config(predict, "/out")
+    assert (crops.image_pattern, crops.pairs, crops.image_glob) == (pattern, None, "*")
+    own = FlowConfig.parse({"predict": {"image_pattern": pattern}, "crops": {"pairs": "/p.csv"}})
+    crops = own.crops_config(own.predict_config("/run", "/new", "/out"), "/out")
+    assert (crops.image_pattern, crops.pairs) == (None, "/p.csv")
+    plain = FlowConfig.parse({})
+    assert plain.crops_config(plain.predict_config("/run", "/new", "/out"), "/o").pairing is None
+
+
 def test_run_file_refuses_section_secrets_before_any_flow_runs(tmp_path, monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)

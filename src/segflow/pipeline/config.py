@@ -84,8 +84,13 @@ class FlowConfig(BaseModel):
         return _build(PredictConfig, section, "predict", self.storage, fixed)
 
     def crops_config(self, predict: PredictConfig, out_url: str) -> CropsConfig:
-        """Crops of predict's output, in predict's layout unless the section sets its own."""
-        section = {"layout": predict.layout, **self.crops}
+        """Crops of predict's output, in predict's layout and with its pairing (the same ids
+        find the same images), unless the section sets its own."""
+        keys = ("image_glob", "image_pattern", "pairs")
+        own = any(k in self.crops for k in keys)
+        inherit = bool(predict.image_pattern or predict.pairs) and not own
+        pairing = {k: getattr(predict, k) for k in keys} if inherit else {}
+        section = {"layout": predict.layout, **pairing, **self.crops}
         fixed = {
             "predictions": predict.out,
             "source": predict.source,
