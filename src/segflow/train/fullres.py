@@ -21,6 +21,7 @@ resolution, the probabilities resized back before the threshold exactly as a pre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import posixpath
@@ -133,20 +134,27 @@ def fold_scores(
     }
 
 
-def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: int = 3) -> float:
-    """What :func:`fold_scores` costs per image here, measured on ``sample`` labelled rows
-    (the planner keeps this much time per validation image); 0 without source masks."""
+def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: int = 8) -> float:
+    """Wall seconds per image of one full-resolution read (decode the source mask, resize the
+    probabilities back, score), as :func:`fold_scores` and :class:`OofPairs` run it: on their
+    threads, over ``sample`` labelled rows spread over the dataset (source sizes vary 50-fold
+    on ISIC, so the first few rows alone can mislead), after one untimed warm-up read. The
+    planner keeps this much time per image and read; 0 without source masks."""
     sources = dataset.column("mask_sources")
-    rows = [i for i in range(dataset.n) if sources[i]][:sample]
+    have = [i for i in range(dataset.n) if sources[i]]
+    rows = [have[int(k)] for k in np.linspace(0, len(have) - 1, min(sample, len(have)))]
     if not rows:
         return 0.0
     empty = np.zeros(tuple(dataset.size), dtype=np.uint8)
-    t0 = time.perf_counter()
-    for r in rows:
-        try:
+
+    def read(r: int) -> None:
+        with contextlib.suppress(*UNREADABLE):
             score_row(dataset, r, empty, 0.5, storage)
-        except UNREADABLE:
-            continue
+
+    read(rows[0])  # first-use costs (imports, allocator, file cache) are not per image
+    t0 = time.perf_counter()
+    for _ in bounded_map(read, rows, max(1, min(cpu_count(), MAX_THREADS))):
+        pass
     return (time.perf_counter() - t0) / len(rows)
 
 
