@@ -69,7 +69,7 @@ def ingest_isic(data: Path, work: Path, limit: int | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from segflow.predict.postprocess import choose_from_models
+    from segflow.predict.postprocess import Choice
     from segflow.train import TrainConfig, train
 
     work = Path(args.work)
@@ -87,16 +87,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=True,
     )
     t0 = time.time()
+    # training, then the threshold and post-processing that `segflow predict` will apply,
+    # chosen on the fold's OOF inside the same budget (the plan keeps time for it)
     result = train(cfg)
-    fold = result.folds[0]
-    if fold.status == "failed":
-        raise RuntimeError(f"fold {args.fold} failed: {fold.error}")
-    # what the flow's choose stage does next, inside the same budget (the plan keeps time
-    # for it): the threshold and post-processing that `segflow predict` will apply
-    t1 = time.time()
-    choice = choose_from_models(str(models), dataset)
-    choose_s = time.time() - t1
     wall = time.time() - t0
+    fold = result.folds[0]
+    if fold.status == "failed" or result.choice is None:
+        raise RuntimeError(f"fold {args.fold} failed ({fold.error}) or no choice was made")
+    choice = Choice.from_dict({k: v for k, v in result.choice.items() if k != "seconds"})
+    choose_s = result.choice["seconds"]
     no_tta = score_without_tta(str(models), dataset, args.fold)  # after the clock: an ablation
     record = json.loads((models / "train_config.json").read_text())
     scores = json.loads((models / f"fold-{args.fold}" / "scores.json").read_text())
@@ -137,9 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "planning_s": plan["planning_s"],
         "target_thresholded_jaccard": TARGET_TJ,
         "ablation_oof_tta_none": no_tta,
-        "target_met_fixed_threshold": (full.get("thresholded_jaccard") or 0) >= TARGET_TJ
-        and wall <= budget_s,
-        "target_met": choice.oof_thresholded_jaccard >= TARGET_TJ and wall <= budget_s,
+        # the target is judged on the fixed threshold: the choice's score is fitted to the
+        # very images it is measured on (reported beside it, labelled so)
+        "target_met": (full.get("thresholded_jaccard") or 0) >= TARGET_TJ and wall <= budget_s,
+        "target_met_with_choice": choice.oof_thresholded_jaccard >= TARGET_TJ and wall <= budget_s,
     }
 
 

@@ -68,7 +68,7 @@ def main() -> int:
     t_ingest = time.perf_counter() - t0
 
     from segflow.train.config import TrainConfig
-    from segflow.train.run import train
+    from segflow.train.run import prepare_run, run_fold
 
     cfg = TrainConfig(
         dataset=dataset,
@@ -83,7 +83,9 @@ def main() -> int:
         cache_mb=512,
         cpus_per_fold=args.threads,
     )
-    train(cfg)
+    # fold by fold, as the flow runs them: the choice is made once, below, by measure()
+    for fold in prepare_run(cfg):
+        run_fold(cfg, fold)
     t_train = time.perf_counter() - t0 - t_ingest
     figures = measure(models, dataset)
     figures.update(
@@ -123,7 +125,7 @@ def subset(data: Path, n: int, folder: Path) -> Path:
 def measure(models_url: str, dataset_url: str) -> dict:
     """The signal's figures on the OOF images of a trained models folder, scored where the
     version's choice is made (the original mask resolution when the dataset names sources)."""
-    from segflow.predict.postprocess import CHOICE_FILE, oof_choice
+    from segflow.predict.postprocess import oof_choice, save_choice
     from segflow.predict.uncertainty import oof_uncertainty, spearman
     from segflow.storage import Store
 
@@ -131,8 +133,8 @@ def measure(models_url: str, dataset_url: str) -> dict:
     found = oof_choice(models_url, dataset_url)
     choose_s = time.perf_counter() - t0
     choice, rows, jaccard = found.choice, found.rows, found.jaccard
+    save_choice(models_url, choice)  # as choose_from_models: predict reuses it
     models = Store(models_url)
-    models.write_json(CHOICE_FILE, choice.to_dict())  # as choose_from_models: predict reuses it
     stored = oof_uncertainty(models)
     scores = np.array([stored[r] for r in rows])
     cut = choice.review_threshold

@@ -413,3 +413,26 @@ def test_bad_pairing_is_a_clear_error_on_the_command_line(local):
     assert isinstance(res.exception, ConfigError) and "not both" in str(res.exception)
     res = CliRunner().invoke(app, [*args, "--image-pattern", DRIVE_PATTERN, "--json"])
     assert res.exit_code == 0, res.output
+
+
+def test_image_glob_alone_pairs_masks_by_path_as_predict_folder_layout(local):
+    """`predict --layout folder --image-glob 'images/*.png'` names each mask by the image's
+    path without its extension (masks/images/01_test.png): crops with the same glob finds
+    the image of each such mask, in a sub-folder."""
+    preds, source = local.store("preds"), local.store("src")
+    arrays = _drive(source, preds, ("01", "02"), ())
+    for i in ("01", "02"):
+        preds.write_bytes(f"masks/images/{i}_test.png", png_bytes(arrays[i][1]))
+    source.write_bytes("other/03_test.png", png_bytes(np.zeros((4, 4), np.uint8)))  # not globbed
+    with pytest.raises(InputError, match="no <id>.png masks"):  # none at the top level
+        make_crops(CropsConfig(predictions=preds.url, source=source.url, out=local.url("a")))
+    cfg = CropsConfig(
+        predictions=preds.url,
+        source=source.url,
+        out=local.url("b"),
+        image_glob="images/*.png",
+        margin=0,
+    )
+    result = make_crops(cfg)
+    assert (result.n_ok, result.errors_by_reason) == (2, {})
+    assert local.store("b").exists("masked/images/02_test.png")

@@ -63,6 +63,7 @@ from segflow.pairing import (
     Dropped,
     Pairing,
     first_per_id,
+    pairing_option,
     select_images,
 )
 from segflow.predict.outputs import (
@@ -136,8 +137,10 @@ class CropsConfig(StageConfig):
 
     @property
     def pairing(self) -> Pairing | None:
-        """How the images are chosen, when not by ``<id>.*`` at the top of the source."""
-        if not (self.image_pattern or self.pairs):
+        """How the images are chosen, when not by ``<id>.*`` at the top of the source: a
+        pattern, a pairs CSV, or a glob alone (ids are then paths without the extension,
+        sub-folders included, as ``segflow predict --layout folder --image-glob`` names them)."""
+        if not (self.image_pattern or self.pairs or self.image_glob != "*"):
             return None
         return Pairing(self.image_glob, self.image_pattern, None, self.pairs)
 
@@ -312,7 +315,7 @@ def _paired_images(spec: Pairing, source: Store) -> Picker:
         left_out.setdefault(d.id, d)
     for d in paired.dropped[:_LOGGED]:
         log.warning("crops: %s not used: %s", d.file, d.detail)
-    how = f"--pairs {spec.pairs}" if spec.pairs else f"--image-pattern '{spec.image_pattern}'"
+    how = pairing_option(spec)
 
     def pick(image_id: str) -> tuple[FileInfo | None, tuple[str, str] | None]:
         if image_id in chosen:

@@ -419,16 +419,21 @@ def first_per_id(paired: Paired, root: Store | None, use: str) -> Paired:
     return Paired(list(kept.values()), dropped)
 
 
+def pairing_option(spec: Pairing) -> str:
+    """The option that chose the images, as a message names it."""
+    if spec.pairs:
+        return f"--pairs {spec.pairs}"
+    if spec.image_pattern:
+        return f"--image-pattern {_q(str(spec.image_pattern))}"
+    return f"--image-glob {_q(spec.image_glob)}"
+
+
 def select_images(source: Store, spec: Pairing, task: str) -> Paired:
     """The images of ``source`` that ``spec`` selects, without masks (``segflow predict`` and
     ``segflow crops`` read only images); selecting none at all is a :class:`PairingError`."""
     paired = find_pairs(spec, source, source.list(), None, None)
     if not paired.candidates:
-        how = (
-            f"--pairs {spec.pairs}"
-            if spec.pairs
-            else f"--image-pattern {_q(str(spec.image_pattern))}"
-        )
+        how = pairing_option(spec)
         why = f"; e.g. {paired.dropped[0].detail}" if paired.dropped else ""
         raise PairingError(f"no image to {task} under {source.url} from {how}{why}")
     return paired

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,6 +63,30 @@ def test_planner_picks_a_smaller_plan_when_the_budget_shrinks():
     # 5 folds on one device take 5 rounds, on 5 devices one: the larger plan fits again
     assert _plan(25 * 60, folds=5).size < mid.size
     assert _plan(25 * 60, folds=5, devices=5).size == mid.size
+
+
+def test_time_for_the_choice_is_kept_out_of_training():
+    """The post-processing choice after the last round has its (measured) time kept: fewer
+    epochs fit, and a refusal's minimum budget counts it."""
+    free = _plan(25 * 60)
+    work = Workload(
+        budget_s=25 * 60,
+        folds=1,
+        devices=1,
+        n_train=1600,
+        n_val=400,
+        finish_s_per_image=0.05,
+        min_epochs=8,
+        choose_s=400.0,
+    )
+    cands = candidates(FP.frame_size, ["timm-tf_efficientnet_lite0"], 16)
+    kept = choose_plan(FP, measure(cands, TIMER, lambda t: True), work)
+    assert kept.fold_s == pytest.approx(free.fold_s - 400.0)
+    assert (kept.size[0] * kept.size[1], kept.epochs) < (free.size[0] * free.size[1], free.epochs)
+    tiny = replace(work, budget_s=420.0)
+    with pytest.raises(BudgetError) as e:
+        choose_plan(FP, measure(cands, TIMER, lambda t: True), tiny)
+    assert e.value.minimum_s > 400 and "to choose the post-processing" in str(e.value)
 
 
 def test_budget_too_small_for_one_epoch_is_refused_with_the_minimum():

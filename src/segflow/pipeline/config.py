@@ -88,7 +88,8 @@ class FlowConfig(BaseModel):
         find the same images), unless the section sets its own."""
         keys = ("image_glob", "image_pattern", "pairs")
         own = any(k in self.crops for k in keys)
-        inherit = bool(predict.image_pattern or predict.pairs) and not own
+        chosen = predict.image_pattern or predict.pairs or predict.image_glob != "*"
+        inherit = bool(chosen) and not own
         pairing = {k: getattr(predict, k) for k in keys} if inherit else {}
         section = {"layout": predict.layout, **pairing, **self.crops}
         fixed = {

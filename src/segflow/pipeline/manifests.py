@@ -69,7 +69,8 @@ class ChoiceManifest(Manifest):
     n_images: int
     review_threshold: float | None = None  # needs_review cut on uncertainty, calibrated OOF
     review: dict[str, Any] | None = None  # its OOF precision, recall, F1 (Calibration)
-    resolution: str | None = None  # "original" or "training": where the OOF was scored
+    resolution: str | None = None  # "original", "training" or "mixed": where OOF was scored
+    n_original: int | None = None  # OOF images scored at the original resolution
 
 
 class VersionManifest(Manifest):

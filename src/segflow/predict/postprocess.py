@@ -14,6 +14,7 @@ live in :mod:`segflow.masks`.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import re
@@ -53,8 +54,10 @@ class Choice:
     review_threshold: float | None = None
     review: dict[str, Any] | None = None  # segflow.predict.uncertainty.Calibration
     # where the OOF images were scored: "original" (each source mask's own resolution, as
-    # the product's masks are judged) or "training" (the dataset frame); None: before it was said
+    # the product's masks are judged), "training" (the dataset frame) or "mixed" (sources
+    # that could not be read fell back to the frame); None: chosen before this was recorded
     resolution: str | None = None
+    n_original: int | None = None  # of n_images, scored at the original resolution
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,7 +309,11 @@ def _mismatch(prob_shape: Sequence[int], truth_shape: Sequence[int]) -> None:
 # -- from a models folder -------------------------------------------------------------------------
 def choose_from_models(models_url: str, dataset_url: str, storage=None) -> Choice:
     """:func:`oof_choice`, written to ``models/postprocess.json``."""
-    choice = oof_choice(models_url, dataset_url, storage).choice
+    return save_choice(models_url, oof_choice(models_url, dataset_url, storage).choice, storage)
+
+
+def save_choice(models_url: str, choice: Choice, storage: StorageOptions | None = None) -> Choice:
+    """Write ``choice`` to ``models/postprocess.json``, where predict and serve read it."""
     Store(models_url, storage).write_json(CHOICE_FILE, choice.to_dict())
     log.info(
         "post-processing chosen on %d OOF images at the %s resolution: threshold %.2f, %s "
@@ -346,15 +353,51 @@ def oof_choice(models_url: str, dataset_url: str, storage=None) -> OofChoice:
         raise DatasetError(f"dataset {dataset_url} has no masks; OOF scoring needs them")
     rows = _scorable(rows, dataset.group, probs.shape[0], models_url, dataset_url)
     masks = dataset.group["masks"]
-    if tuple(probs.shape[1:]) != tuple(masks.shape[1:]):  # another dataset's frame
-        _mismatch(probs.shape, masks.shape)
+    if tuple(probs.shape[1:]) != tuple(masks.shape[1:]):
+        raise InputError(
+            f"the OOF probabilities of {models_url} are {tuple(probs.shape[1:])} frames but "
+            f"dataset {dataset_url} has {tuple(masks.shape[1:])} masks: were these models "
+            f"trained on another dataset (or another --size)? Choose with the dataset they "
+            f"were trained on"
+        )
+    _warn_mixed_views(models)
     pairs = OofPairs(dataset, rows, probs, storage)
     choice, jaccard = choose_pairs(pairs)
-    choice = replace(choice, resolution=pairs.resolution)
+    choice = replace(choice, resolution=pairs.resolution, n_original=pairs.n_original)
+    if pairs.at_frame:
+        log.warning(
+            "%d of %d OOF source masks could not be read: those images were scored at the "
+            "training resolution (resolution %r)",
+            len(pairs.at_frame),
+            len(rows),
+            pairs.resolution,
+        )
     review = calibrate_oof(models, rows, jaccard)
     if review is not None:
         choice = replace(choice, review_threshold=review.threshold, review=review.to_dict())
     return OofChoice(choice, rows, jaccard)
+
+
+def seconds_per_choice_image(
+    dataset: Any, storage: StorageOptions | None, sample: int = 8
+) -> float:
+    """Wall seconds per OOF image of :func:`choose_pairs` here, measured on a real choice over
+    ``sample`` source masks spread over ``dataset`` (each row's own frame mask standing in for
+    its probabilities): both reads, the threshold sweep and the post-processing, on the
+    threads :class:`~segflow.train.fullres.OofPairs` uses. 0 without source masks (the choice
+    then reads the frames, a small cost)."""
+    import time
+
+    from segflow.train.fullres import OofPairs, sample_rows
+
+    rows = sample_rows(dataset, sample)
+    if not rows:
+        return 0.0
+    probs = {r: dataset.mask(r) * np.uint8(255) for r in rows}
+    OofPairs(dataset, rows[:1], probs, storage).pair(0)  # first-use costs are not per image
+    t0 = time.perf_counter()
+    choose_pairs(OofPairs(dataset, rows, probs, storage))
+    return (time.perf_counter() - t0) / len(rows)
 
 
 def resolve_choice(
@@ -418,6 +461,23 @@ def _oof_rows(models: Store) -> list[int]:
             f"fold-<k>/oof.json with rows); run `segflow train` first"
         )
     return sorted(seen)
+
+
+def _warn_mixed_views(models: Store) -> None:
+    """Folds trained before the OOF probabilities were the mean of the TTA views (no ``tta``
+    in their ``oof.json``) hold the identity view only: mixed with newer folds, the choice
+    still runs, but on probabilities of two kinds."""
+    views = {}
+    for path in models.fs.glob(models.path("fold-*/oof.json")):
+        views[posixpath.basename(posixpath.dirname(str(path)))] = json.loads(
+            models.fs.cat_file(path)
+        ).get("tta")
+    if len(set(views.values())) > 1:
+        log.warning(
+            "the folds' OOF probabilities come from different TTA views (%s): retrain the "
+            "older folds (into a new --models) for a choice on one kind",
+            ", ".join(f"{k}: {v or 'identity only'}" for k, v in sorted(views.items())),
+        )
 
 
 def _open_probs(models: Store) -> Any:

@@ -51,6 +51,7 @@ MAX_THREADS = 4  # each holds a decoded source (up to MAX_PIXELS) and its float3
 UNREADABLE = (SegflowError, ValueError, OSError)
 RESOLUTION_ORIGINAL = "original"
 RESOLUTION_FRAME = "training"
+RESOLUTION_MIXED = "mixed"  # some rows at the original resolution, the others at the frame
 METRICS = ("dice", "jaccard", "thresholded_jaccard")
 
 
@@ -58,8 +59,11 @@ def source_truth(dataset: Dataset, row: int, storage: StorageOptions | None) -> 
     """Row ``row``'s source mask at its own resolution, (h, w) uint8 {0, 1}, binarised by the
     dataset's rule; ``None`` when the row has no source mask (drawn masks, unlabelled rows)."""
     url = str(dataset.group["mask_sources"][row])
-    if not url:
-        return None
+    return read_source(dataset, url, storage) if url else None
+
+
+def read_source(dataset: Dataset, url: str, storage: StorageOptions | None) -> np.ndarray:
+    """The source mask at ``url``, (h, w) uint8 {0, 1}, binarised by the dataset's rule."""
     folder, name = posixpath.split(url)
     data = Store(folder, storage).read_bytes(name)
     mask, quirks = decode_mask(data, name, MAX_PIXELS, dataset.attrs.get("mask_positive", "auto"))
@@ -134,15 +138,23 @@ def fold_scores(
     }
 
 
+def sample_rows(dataset: Dataset, sample: int) -> list[int]:
+    """Up to ``sample`` labelled rows with a source mask, spread evenly over the dataset."""
+    if "mask_sources" not in dataset.group:
+        return []
+    sources, labelled = dataset.column("mask_sources"), dataset.column("has_mask")
+    have = [i for i in range(dataset.n) if sources[i] and labelled[i]]
+    picks = np.linspace(0, len(have) - 1, min(sample, len(have))) if have else []
+    return sorted({have[int(k)] for k in picks})
+
+
 def seconds_per_image(dataset: Dataset, storage: StorageOptions | None, sample: int = 8) -> float:
     """Wall seconds per image of one full-resolution read (decode the source mask, resize the
     probabilities back, score), as :func:`fold_scores` and :class:`OofPairs` run it: on their
     threads, over ``sample`` labelled rows spread over the dataset (source sizes vary 50-fold
     on ISIC, so the first few rows alone can mislead), after one untimed warm-up read. The
     planner keeps this much time per image and read; 0 without source masks."""
-    sources = dataset.column("mask_sources")
-    have = [i for i in range(dataset.n) if sources[i]]
-    rows = [have[int(k)] for k in np.linspace(0, len(have) - 1, min(sample, len(have)))]
+    rows = sample_rows(dataset, sample)
     if not rows:
         return 0.0
     empty = np.zeros(tuple(dataset.size), dtype=np.uint8)
@@ -162,12 +174,16 @@ class OofPairs:
     """Re-iterable ``(prob, truth)`` pairs of OOF ``rows``, one image at a time, for choosing
     a version's threshold and post-processing: at the original mask resolution where the row
     names its source mask (float probabilities through the predictor's inverse resize, before
-    any threshold; the source binarised by the dataset's rule), else, and for a source that
-    can no longer be read (logged), at the dataset frame. ``resolution`` says which, for the
-    whole set: "original" when any row has a source.
+    any threshold; the source binarised by the dataset's rule), else at the dataset frame. A
+    source that cannot be read is logged once and that row stays at the frame on every later
+    read, so every read of the set scores the same pixels.
 
-    Sources are decoded and resized on a few threads, at most ``window`` images ahead of the
-    consumer: the memory held is a few original-size images, whatever the number of rows."""
+    After a read, :attr:`resolution` says where the set was scored: "original" (every row),
+    "training" (none) or "mixed", and :attr:`n_original` how many rows were at the original.
+
+    Sources are decoded and resized on a few threads, a few images ahead of the consumer
+    (:func:`bounded_map`): the memory held is a few original-size images (~5 bytes per source
+    pixel each, plus the consumer's counting), whatever the number of rows."""
 
     def __init__(
         self,
@@ -179,29 +195,40 @@ class OofPairs:
     ) -> None:
         self.dataset, self.rows, self.probs, self.storage = dataset, list(rows), probs, storage
         sources = dataset.column("mask_sources") if "mask_sources" in dataset.group else None
-        self.has_source = [bool(sources is not None and sources[r]) for r in self.rows]
-        self.resolution = RESOLUTION_ORIGINAL if any(self.has_source) else RESOLUTION_FRAME
+        self.sources = [str(sources[r]) if sources is not None else "" for r in self.rows]
+        self.at_frame: set[int] = set()  # positions whose source could not be read
         self.threads = max(1, min(threads or cpu_count(), MAX_THREADS))
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def n_original(self) -> int:
+        return sum(1 for i, url in enumerate(self.sources) if url and i not in self.at_frame)
+
+    @property
+    def resolution(self) -> str:
+        n = self.n_original
+        if n == len(self.rows) and n:
+            return RESOLUTION_ORIGINAL
+        return RESOLUTION_FRAME if n == 0 else RESOLUTION_MIXED
+
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return bounded_map(self.pair, range(len(self.rows)), self.threads)
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        row = self.rows[i]
+        row, url = self.rows[i], self.sources[i]
         prob = np.asarray(self.probs[row])
-        if self.has_source[i]:
+        if url and i not in self.at_frame:
             try:
-                truth = source_truth(self.dataset, row, self.storage)
+                truth = read_source(self.dataset, url, self.storage)
             except UNREADABLE as e:
-                log.warning("row %d: source mask unreadable, chosen on at the frame: %s", row, e)
+                log.warning("row %d: source mask unreadable, scored at the frame: %s", row, e)
+                self.at_frame.add(i)  # and on every later read: both reads see the same pixels
             else:
-                if truth is not None:
-                    p = prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob
-                    full = full_size_probs(p, original_placement(self.dataset, row, truth.shape))
-                    return np.clip(full, 0.0, 1.0, out=full), truth > 0
+                p = prob.astype(np.float32) / 255 if prob.dtype == np.uint8 else prob
+                full = full_size_probs(p, original_placement(self.dataset, row, truth.shape))
+                return np.clip(full, 0.0, 1.0, out=full), truth > 0
         mask = self.dataset.mask(row)
         if mask is None:  # _scorable keeps labelled rows only
             raise ValueError(f"row {row} has no truth mask")
@@ -211,9 +238,9 @@ class OofPairs:
 def bounded_map(
     fn: Callable[[int], Any], items: Iterable[int], threads: int, ahead: int | None = None
 ) -> Iterator[Any]:
-    """``map(fn, items)`` on ``threads`` threads, in order, with at most ``ahead`` (default
-    ``threads + 1``) results computed but not yet consumed: unlike ``Executor.map``, which
-    submits everything at once, the memory held stays bounded."""
+    """``map(fn, items)`` on ``threads`` threads, in order, with at most ``ahead + 1`` (default
+    ``ahead``: ``threads + 1``) calls submitted and not yet consumed: unlike ``Executor.map``,
+    which submits everything at once, the memory held stays bounded."""
     ahead = ahead or threads + 1
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future] = deque()

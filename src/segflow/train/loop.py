@@ -286,8 +286,8 @@ class Deadline:
         if not cfg.plan:
             return None
         end = started + float(cfg.plan["fold_s"])
-        if cfg.deadline is not None:
-            end = min(end, float(cfg.deadline))
+        if cfg.deadline is not None:  # the run's end, less what the choice after it takes
+            end = min(end, float(cfg.deadline) - float(cfg.plan.get("choose_s", 0.0)))
         plan = cfg.plan
         return cls(end, float(plan["finish_s"]), float(plan["epoch_s"]), plan["warmup_epochs"])
 

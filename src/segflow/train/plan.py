@@ -47,10 +47,6 @@ DEFAULT_MAX_SIDE = 256  # the default input side without a budget (see default_s
 SAFETY = 1.1  # an epoch costs its measured steps plus data loading, logging and checkpoints
 MAX_EPOCHS = 100  # a generous budget buys more epochs up to here, then nothing more
 SPENT_STEP = 5.0  # seconds: planning time is rounded up to this
-#: reads of every OOF image that choosing the post-processing takes: the threshold sweep, then
-#: the post-processing steps at the chosen threshold (each read costs what a full-resolution
-#: score does: decode the source mask, resize the probabilities back)
-CHOOSE_READS = 2
 WARMUP_EPOCHS = 1  # linear warm-up before the cosine to the deadline
 
 
@@ -412,6 +408,7 @@ def plan_run(
     """``cfg`` with its plan for ``cfg.time_budget``: encoder, size, batch and epochs set, the
     plan (with the fingerprint and the measured step times) in ``cfg.plan``, and the
     ``deadline`` (``started`` + budget). Raises :class:`BudgetError` before anything trains."""
+    from segflow.predict.postprocess import seconds_per_choice_image
     from segflow.train.fullres import seconds_per_image
     from segflow.train.weights import NAMED_SOURCES
 
@@ -431,8 +428,8 @@ def plan_run(
         timer = RayStepTimer(cfg, gpus) if gpus else TorchStepTimer(cfg)
     finish = _round2(seconds_per_image(dataset, cfg.storage))
     n_val = math.ceil(fp.n_labelled / cfg.folds)
-    # measured on one thread; the choice reads on several, so this errs on the safe side
-    choose_s = _round2(CHOOSE_READS * finish * min(n_val * folds, fp.n_labelled))
+    # a real choice on a few source masks, timed: per OOF image of the folds asked for
+    choose_s = _round2(seconds_per_choice_image(dataset, cfg.storage) * n_val * folds * SAFETY)
     work = Workload(
         budget_s=budget,
         folds=folds,

@@ -30,6 +30,9 @@ class TrainResult:
     splits: str
     folds: list[FoldResult]
     seconds: float
+    # the version's threshold and post-processing chosen on the folds' OOF (postprocess.json;
+    # segflow.predict.postprocess.Choice as a dict, with "seconds"), None when not made
+    choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,11 +56,36 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         results = _on_ray(cfg, fold_ids)
     models = Store(cfg.models, cfg.storage)
+    choice = choose_version(cfg, results)
     result = TrainResult(
-        models.url, models.uri(SPLITS), results, round(time.perf_counter() - t0, 2)
+        models.url, models.uri(SPLITS), results, round(time.perf_counter() - t0, 2), choice
     )
     models.write_json("train_summary.json", result.to_dict())
     return result
+
+
+def choose_version(cfg: TrainConfig, results: list[FoldResult]) -> dict[str, Any] | None:
+    """Choose the threshold and post-processing on the OOF of every finished fold once this
+    run's folds are done (inside a --time-budget: the plan keeps time for it), so a trained
+    models folder is ready to predict. Skipped when a fold failed, or when every fold was
+    already finished and the choice exists. A dataset the choice cannot use is logged, not
+    fatal: predict chooses on first use and says why."""
+    from segflow.errors import SegflowError
+    from segflow.predict.postprocess import CHOICE_FILE, choose_from_models
+
+    if any(f.status == "failed" for f in results):
+        return None
+    if all(f.status == "skipped" for f in results) and Store(cfg.models, cfg.storage).exists(
+        CHOICE_FILE
+    ):
+        return None
+    t0 = time.perf_counter()
+    try:
+        choice = choose_from_models(cfg.models, cfg.dataset, cfg.storage)
+    except SegflowError as e:
+        log.warning("post-processing not chosen after training: %s", e)
+        return None
+    return {**choice.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def prepare_run(cfg: TrainConfig) -> list[int]:
