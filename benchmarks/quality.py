@@ -12,7 +12,8 @@ the chosen plan, and the wall time (training and the choice). Target: thresholde
 >= 0.80 at full resolution within the budget (25 minutes).
 
     python benchmarks/quality.py [--data ../shared/data/isic2017/train] [--work DIR]
-        [--time-budget 25m] [--folds 5] [--fold 0] [--limit N] [--json]
+        [--time-budget 25m] [--folds 5] [--fold 0] [--limit N] [--ema-decay D]
+        [--min-epochs N] [--json]
 
 ``--limit N`` ingests only the first N images (a smoke run on a loaded machine; its scores
 are not the benchmark's).
@@ -76,7 +77,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     dataset = ingest_isic(Path(args.data), work, args.limit)
     subset = f"-n{args.limit}" if args.limit else ""
-    models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}{subset}"
+    variant = "".join(
+        f"-{k}{v}" for k, v in (("ema", args.ema_decay), ("min", args.min_epochs)) if v
+    )
+    models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}{subset}{variant}"
     cfg = TrainConfig(
         dataset=dataset,
         models=str(models),
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fold_ids=[args.fold],
         time_budget=args.time_budget,
         executor="inline",
+        **({"ema_decay": args.ema_decay} if args.ema_decay else {}),
+        **({"min_epochs": args.min_epochs} if args.min_epochs else {}),
         overwrite=True,
     )
     t0 = time.time()
@@ -115,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in ("encoder", "size", "batch_size", "epochs", "epoch_s", "fold_s", "finish_s")
         },
         "encoder_weights": record["encoder_weights"],
+        "ema_decay": args.ema_decay,
+        "min_epochs": record["min_epochs"],
         "epochs_run": fold.epochs_run,
         "best_epoch": fold.best_epoch,
         "stopped_by": fold.stopped_by,
@@ -200,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke run)")
+    ap.add_argument("--ema-decay", type=float, default=None, help="an ablation: train.ema_decay")
+    ap.add_argument("--min-epochs", type=int, default=None, help="an ablation: train.min_epochs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

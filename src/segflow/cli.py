@@ -150,7 +150,7 @@ def fold_list(text: str, flag: str) -> list[int]:
     TrainConfig,
     "dataset models folds fold_ids arch encoder encoder_weights size epochs "
     "batch_size loss lr seed init_from init_models executor ray_address gpus_per_fold "
-    "cpus_per_fold overwrite time_budget min_epochs",
+    "cpus_per_fold overwrite time_budget min_epochs ema_decay",
     flag_types={"fold_ids": str},  # --fold-ids 0,3
 )
 def train(

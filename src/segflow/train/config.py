@@ -75,6 +75,13 @@ class TrainConfig(StageConfig):
         "batch and epochs to it and stops in time (default: fixed epochs, early stopping)",
     )
     min_epochs: int = Field(8, ge=1, description="with --time-budget: epochs a plan must fit")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights with this decay per "
+        "step (e.g. 0.99): validation, best.pt and the ensemble use the average",
+    )
     plan: dict[str, Any] | None = None  # written by the planner: the plan and what it measured
     deadline: float | None = None  # unix time by which the whole training must be done
     # runtime

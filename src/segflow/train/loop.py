@@ -30,6 +30,7 @@ from segflow.storage import Store
 from segflow.train.augment import AugmentConfig, augment_batch
 from segflow.train.config import TrainConfig
 from segflow.train.data import FoldData
+from segflow.train.ema import Ema
 from segflow.train.fullres import RESOLUTION_FRAME, RESOLUTION_ORIGINAL, fold_scores
 from segflow.train.losses import make_loss
 from segflow.train.model import (
@@ -100,6 +101,12 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     augment: AugmentConfig
+    ema: Ema | None = None  # the averaged weights (train.ema_decay), updated every step
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The network that validation scores and best.pt keeps: the average, when kept."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass(frozen=True)
@@ -243,6 +250,7 @@ def setup_run(cfg: TrainConfig, fold: int, dataset: Dataset) -> Run:
         device=device,
         amp_dtype=amp_dtype,
         augment=AugmentConfig(**cfg.augment),
+        ema=Ema(model, cfg.ema_decay) if cfg.ema_decay else None,
     )
 
 
@@ -346,6 +354,10 @@ def _resume(run: Run) -> Progress:
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"].cpu())
+    if run.ema is not None:
+        if "ema" not in state:  # cannot happen for one config: ema_decay is in the fold's record
+            raise ValueError(f"fold {run.fold}: last.pt has no weight average to resume")
+        run.ema.load_state_dict(state["ema"])
     progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
     log.info("fold %d: resuming after epoch %d", run.fold, progress.epoch)
     return progress
@@ -376,12 +388,14 @@ def train_step(run: Run, images: np.ndarray, masks: np.ndarray, gen: torch.Gener
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.model)
     return float(loss.detach())
 
 
 @torch.no_grad()
 def validate(run: Run, data: FoldData) -> dict[str, float]:
-    run.model.eval()
+    run.scored.eval()
     losses, scores = [], {"dice": [], "jaccard": [], "thresholded_jaccard": []}
     for images, masks, _ in data.batches(run.cfg.batch_size):
         loss, s = validation_step(run, images, masks)
@@ -396,7 +410,7 @@ def validate(run: Run, data: FoldData) -> dict[str, float]:
 def validation_step(run: Run, images: np.ndarray, masks: np.ndarray):
     x, y = to_device(run, images, masks)
     with torch.autocast(run.device.type, run.amp_dtype or torch.float32, run.amp_dtype is not None):
-        logits = run.model(normalise(run, x)).float()
+        logits = run.scored(normalise(run, x)).float()
     pred = torch.sigmoid(logits) >= run.spec.threshold  # the same rule as predict
     return float(run.loss_fn(logits, y)), per_image_scores(pred[:, 0], y[:, 0] > 0.5)
 
@@ -410,7 +424,8 @@ def on_epoch_end(run: Run, progress: Progress, stats: EpochStats) -> Progress:
         progress = replace(
             progress, best_score=score, best_epoch=stats.epoch, bad_epochs=0, best_metrics=best
         )
-        save_weights(run.out, "best.pt", {"model": run.model.state_dict(), "epoch": stats.epoch})
+        weights = {"model": run.scored.state_dict(), "epoch": stats.epoch}
+        save_weights(run.out, "best.pt", weights)
     else:
         progress = replace(progress, bad_epochs=progress.bad_epochs + 1)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -461,6 +476,7 @@ def _full_state(run: Run, progress: Progress) -> dict[str, Any]:
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         **asdict(progress),
     }
 
