@@ -384,11 +384,12 @@ def seconds_per_choice_image(
     """Wall seconds per OOF image of :func:`choose_pairs` here, measured on a real choice over
     ``sample`` source masks spread over ``dataset`` (each row's own frame mask standing in for
     its probabilities): both reads, the threshold sweep and the post-processing, on the
-    threads :class:`~segflow.train.fullres.OofPairs` uses. 0 without source masks (the choice
-    then reads the frames, a small cost)."""
+    threads :class:`~segflow.train.fullres.OofPairs` uses, scaled to the mean source size
+    (:func:`~segflow.train.fullres.per_mean_image`). 0 without source masks (the choice then
+    reads the frames, a small cost)."""
     import time
 
-    from segflow.train.fullres import OofPairs, sample_rows
+    from segflow.train.fullres import OofPairs, per_mean_image, sample_rows
 
     rows = sample_rows(dataset, sample)
     if not rows:
@@ -397,7 +398,7 @@ def seconds_per_choice_image(
     OofPairs(dataset, rows[:1], probs, storage).pair(0)  # first-use costs are not per image
     t0 = time.perf_counter()
     choose_pairs(OofPairs(dataset, rows, probs, storage))
-    return (time.perf_counter() - t0) / len(rows)
+    return per_mean_image(dataset, rows, time.perf_counter() - t0, storage)
 
 
 def resolve_choice(
