@@ -70,7 +70,7 @@ def ingest_isic(data: Path, work: Path, limit: int | None = None) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from segflow.predict.postprocess import Choice
+    from segflow.predict.postprocess import CHOICE_FILE, Choice
     from segflow.train import TrainConfig, train
 
     work = Path(args.work)
@@ -98,10 +98,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = train(cfg)
     wall = time.time() - t0
     fold = result.folds[0]
-    if fold.status == "failed" or result.choice is None:
-        raise RuntimeError(f"fold {args.fold} failed ({fold.error}) or no choice was made")
-    choice = Choice.from_dict({k: v for k, v in result.choice.items() if k != "seconds"})
-    choose_s = result.choice["seconds"]
+    if fold.status == "failed":
+        raise RuntimeError(f"fold {args.fold} failed: {fold.error}")
+    made = result.choice  # None on a rerun that found everything done: the saved choice
+    saved = made or {**json.loads((models / CHOICE_FILE).read_text()), "seconds": None}
+    choice = Choice.from_dict({k: v for k, v in saved.items() if k != "seconds"})
+    choose_s = saved["seconds"]
     no_tta = score_without_tta(str(models), dataset, args.fold)  # after the clock: an ablation
     record = json.loads((models / "train_config.json").read_text())
     scores = json.loads((models / f"fold-{args.fold}" / "scores.json").read_text())
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "thresholded_jaccard": choice.oof_thresholded_jaccard,
             "by_postprocess": choice.oof_by_postprocess,
             "n": choice.n_images,
-            "seconds": round(choose_s, 1),
+            "seconds": None if choose_s is None else round(choose_s, 1),
         },
         "training_resolution": scores["training"],
         "fingerprint": plan["fingerprint"],

@@ -424,7 +424,7 @@ def test_image_glob_alone_pairs_masks_by_path_as_predict_folder_layout(local):
     for i in ("01", "02"):
         preds.write_bytes(f"masks/images/{i}_test.png", png_bytes(arrays[i][1]))
     source.write_bytes("other/03_test.png", png_bytes(np.zeros((4, 4), np.uint8)))  # not globbed
-    with pytest.raises(InputError, match="no <id>.png masks"):  # none at the top level
+    with pytest.raises(InputError, match=r"no <id>\.png masks"):  # none at the top level
         make_crops(CropsConfig(predictions=preds.url, source=source.url, out=local.url("a")))
     cfg = CropsConfig(
         predictions=preds.url,

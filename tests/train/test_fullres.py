@@ -67,8 +67,37 @@ def test_unreadable_source_falls_back_to_the_frame(local):
     models = f"{local.base}/m"
     dataset, probs, rows = _blurry_oof(local, url, models)
     raw.delete("ISIC_0000001_segmentation.png")
-    shapes = [p.shape for p, _ in OofPairs(dataset, rows, probs, local.storage)]
+    pairs = OofPairs(dataset, rows, probs, local.storage)
+    assert pairs.resolution == "original" and pairs.n_original == 4  # before any read
+    shapes = [p.shape for p, _ in pairs]
     assert shapes == [(72, 96), (32, 32), (72, 96), (72, 96)]
+    assert (pairs.resolution, pairs.n_original) == ("mixed", 3)
+    c = choose_from_models(models, url, local.storage)  # said in the version's choice too
+    assert (c.resolution, c.n_original, c.n_images) == ("mixed", 3, 4)
+
+
+def test_train_makes_the_choice_and_survives_one_that_fails(local, monkeypatch):
+    """`train()` leaves a models folder ready to predict (postprocess.json, chosen at the
+    original resolution); a choice that breaks is logged, and the trained folds stand."""
+    import segflow.predict.postprocess as pp
+    from segflow.train import train
+    from tests.train.conftest import small_config
+
+    url, _ = dataset_with_large_masks(local)
+    models = f"{local.base}/m"
+    result = train(small_config(url, models, local.storage, epochs=1, fold_ids=[0]))
+    assert result.choice is not None and result.choice["resolution"] == "original"
+    saved = Store(models, local.storage).read_json("postprocess.json")
+    assert saved["threshold"] == result.choice["threshold"]
+
+    def broken(*a, **k):
+        raise OSError("the object store went away")
+
+    monkeypatch.setattr(pp, "choose_from_models", broken)
+    again = train(small_config(url, models, local.storage, epochs=1, fold_ids=[1]))
+    assert again.ok and again.choice is None and again.folds[0].status == "done"
+    summary = Store(models, local.storage).read_json("train_summary.json")
+    assert summary["folds"][0]["fold"] == 1 and summary["choice"] is None
 
 
 def test_bounded_map_keeps_order_and_holds_few_results():

@@ -214,8 +214,9 @@ class OofPairs:
     a version's threshold and post-processing: at the original mask resolution where the row
     names its source mask (float probabilities through the predictor's inverse resize, before
     any threshold; the source binarised by the dataset's rule), else at the dataset frame. A
-    source that cannot be read is logged once and that row stays at the frame on every later
-    read, so every read of the set scores the same pixels.
+    source that cannot be read is logged and its row stays at the frame on every later read
+    (the choice's two reads then score the same pixels); one that fails only on a later read
+    (a passing storage error) is at the frame in that read alone, also logged.
 
     After a read, :attr:`resolution` says where the set was scored: "original" (every row),
     "training" (none) or "mixed", and :attr:`n_original` how many rows were at the original.

@@ -431,7 +431,9 @@ def plan_run(
     # a real choice on a few source masks, timed, per OOF image of the folds asked for; no
     # SAFETY factor: on so few images the pipeline's fill and drain already make the timing
     # ~1.3x what the choice costs per image over hundreds (ISIC: 0.31 against 0.24 s)
-    choose_s = _round2(seconds_per_choice_image(dataset, cfg.storage, 16) * n_val * folds)
+    # the choice reads every finished fold's OOF: those of earlier runs count too
+    chosen_on = min(fp.n_labelled, n_val * (folds + len(_finished_elsewhere(cfg))))
+    choose_s = _round2(seconds_per_choice_image(dataset, cfg.storage, 16) * chosen_on)
     work = Workload(
         budget_s=budget,
         folds=folds,
@@ -480,6 +482,22 @@ def plan_run(
             "deadline": started + budget,
         }
     )
+
+
+def _finished_elsewhere(cfg: TrainConfig) -> list[int]:
+    """Folds already finished under ``cfg.models`` that this run does not train."""
+    import posixpath
+
+    from segflow.storage import Store
+
+    models = Store(cfg.models, cfg.storage)
+    asked = set(cfg.fold_ids) if cfg.fold_ids is not None else set(range(cfg.folds))
+    done = {
+        posixpath.basename(posixpath.dirname(str(p)))
+        for p in models.fs.glob(models.path("fold-*/fold.complete.json"))
+    }
+    found = [int(d.removeprefix("fold-")) for d in done if d.removeprefix("fold-").isdigit()]
+    return sorted(k for k in found if k not in asked and k < cfg.folds)
 
 
 def _devices(cfg: TrainConfig, folds: int) -> tuple[int, float, float]:

@@ -56,10 +56,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         results = _on_ray(cfg, fold_ids)
     models = Store(cfg.models, cfg.storage)
-    choice = choose_version(cfg, results)
-    result = TrainResult(
-        models.url, models.uri(SPLITS), results, round(time.perf_counter() - t0, 2), choice
-    )
+    result = TrainResult(models.url, models.uri(SPLITS), results, 0.0)
+    models.write_json("train_summary.json", result.to_dict())  # the folds', whatever comes next
+    result.choice = choose_version(cfg, results)
+    result.seconds = round(time.perf_counter() - t0, 2)
     models.write_json("train_summary.json", result.to_dict())
     return result
 
@@ -68,8 +68,8 @@ def choose_version(cfg: TrainConfig, results: list[FoldResult]) -> dict[str, Any
     """Choose the threshold and post-processing on the OOF of every finished fold once this
     run's folds are done (inside a --time-budget: the plan keeps time for it), so a trained
     models folder is ready to predict. Skipped when a fold failed, or when every fold was
-    already finished and the choice exists. A dataset the choice cannot use is logged, not
-    fatal: predict chooses on first use and says why."""
+    already finished and the choice exists. A choice that fails (a dataset it cannot use, a
+    storage error) is logged, never fatal: predict chooses on first use and says why."""
     from segflow.errors import SegflowError
     from segflow.predict.postprocess import CHOICE_FILE, choose_from_models
 
@@ -84,6 +84,9 @@ def choose_version(cfg: TrainConfig, results: list[FoldResult]) -> dict[str, Any
         choice = choose_from_models(cfg.models, cfg.dataset, cfg.storage)
     except SegflowError as e:
         log.warning("post-processing not chosen after training: %s", e)
+        return None
+    except Exception:  # the folds are trained and saved: the choice must never cost them
+        log.warning("post-processing not chosen after training", exc_info=True)
         return None
     return {**choice.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
 
