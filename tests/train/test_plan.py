@@ -89,6 +89,14 @@ def test_time_for_the_choice_is_kept_out_of_training():
     assert e.value.minimum_s > 400 and "to choose the post-processing" in str(e.value)
 
 
+def test_a_plan_long_enough_averages_its_weights():
+    from segflow.train.plan import EMA_MIN_STEPS, PLAN_EMA_DECAY, planned_ema
+
+    plan = _plan(25 * 60)  # 1,600 training images, batch 16: 100 steps per epoch
+    assert plan.epochs * 100 >= EMA_MIN_STEPS and planned_ema(plan, 1600) == PLAN_EMA_DECAY
+    assert planned_ema(replace(plan, epochs=4), 1600) is None  # 400 steps: still lagging
+
+
 def test_budget_too_small_for_one_epoch_is_refused_with_the_minimum():
     with pytest.raises(BudgetError) as e:
         _plan(20)
@@ -136,6 +144,7 @@ def test_run_stops_before_the_deadline_with_every_artifact(local, tiny_dataset, 
     record = m.read_json("train_config.json")
     plan = record["plan"]
     assert record["epochs"] == plan["epochs"] >= 1
+    assert record["ema_decay"] is None and plan["ema_decay"] is None  # a few steps: no average
     assert plan["fingerprint"]["n_labelled"] == 24 and plan["step_times"]
     # either the deadline stopped it, or the planned epochs ended before it
     assert fold.stopped_by == "deadline" or fold.epochs_run == plan["epochs"]

@@ -143,12 +143,14 @@ class Killed(BaseException):
     """Stands in for a SIGKILL: no ``except Exception`` on the way catches it."""
 
 
-def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local, monkeypatch):
-    """Per-epoch seeds + saved optimiser/scheduler/RNG state: stopping after epoch 1 and
-    resuming gives the same weights as never stopping (seeded CPU run)."""
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["plain", "ema"])
+def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local, monkeypatch, ema):
+    """Per-epoch seeds + saved optimiser/scheduler/RNG state (and the weight average, when
+    kept): stopping after epoch 1 and resuming gives the same weights as never stopping
+    (seeded CPU run)."""
     from segflow.train import loop
 
-    unbroken = small_config(tiny_dataset, local.url("a"), epochs=2)
+    unbroken = small_config(tiny_dataset, local.url("a"), epochs=2, ema_decay=ema)
     fit_fold(unbroken, 0)
 
     real = loop.on_epoch_end
@@ -157,7 +159,7 @@ def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local, monkeypatch
         real(*args)  # every file of epoch 1 is written...
         raise Killed  # ...then the process dies
 
-    interrupted = small_config(tiny_dataset, local.url("b"), epochs=2)
+    interrupted = small_config(tiny_dataset, local.url("b"), epochs=2, ema_decay=ema)
     with monkeypatch.context() as m:
         m.setattr(loop, "on_epoch_end", killed_after_epoch)
         with pytest.raises(Killed):
@@ -166,10 +168,14 @@ def test_resume_matches_an_unbroken_run_exactly(tiny_dataset, local, monkeypatch
     assert not fold_b.exists("fold.complete.json") and len(_metrics(fold_b)) == 1
     res = fit_fold(interrupted, 0)
     assert (res.start_epoch, res.epochs_run) == (1, 1)
-    a = load_checkpoint(local.store("a/fold-0"), "last.pt")["model"]
-    b = load_checkpoint(fold_b, "last.pt")["model"]
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    last_a = load_checkpoint(local.store("a/fold-0"), "last.pt")
+    last_b = load_checkpoint(fold_b, "last.pt")
+    for a, b in [(last_a["model"], last_b["model"])] + (
+        [(last_a["ema"]["model"], last_b["ema"]["model"])] if ema else []
+    ):
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert ("ema" in last_b) == bool(ema)
 
 
 def test_two_folds_run_concurrently_on_local_ray(tiny_dataset, local, local_ray):
