@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = ingest_isic(Path(args.data), work, args.limit)
     subset = f"-n{args.limit}" if args.limit else ""
     variant = "".join(
-        f"-{k}{v}" for k, v in (("ema", args.ema_decay), ("min", args.min_epochs)) if v
+        f"-{k}{v}" for k, v in (("ema", args.ema_decay), ("min", args.min_epochs)) if v is not None
     )
     models = work / f"models-{args.time_budget}-f{args.fold}of{args.folds}{subset}{variant}"
     cfg = TrainConfig(
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fold_ids=[args.fold],
         time_budget=args.time_budget,
         executor="inline",
-        **({"ema_decay": args.ema_decay} if args.ema_decay else {}),
+        **({"ema_decay": args.ema_decay} if args.ema_decay is not None else {}),
         **({"min_epochs": args.min_epochs} if args.min_epochs else {}),
         overwrite=True,
     )
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in ("encoder", "size", "batch_size", "epochs", "epoch_s", "fold_s", "finish_s")
         },
         "encoder_weights": record["encoder_weights"],
-        "ema_decay": args.ema_decay,
+        "ema_decay": record["ema_decay"],  # as trained: given, or the planner's
         "min_epochs": record["min_epochs"],
         "epochs_run": fold.epochs_run,
         "best_epoch": fold.best_epoch,
@@ -210,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first N images (a smoke run)")
-    ap.add_argument("--ema-decay", type=float, default=None, help="an ablation: train.ema_decay")
+    ap.add_argument(
+        "--ema-decay", type=float, default=None, help="an ablation: train.ema_decay (0: none)"
+    )
     ap.add_argument("--min-epochs", type=int, default=None, help="an ablation: train.min_epochs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

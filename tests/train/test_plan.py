@@ -97,6 +97,23 @@ def test_a_plan_long_enough_averages_its_weights():
     assert planned_ema(replace(plan, epochs=4), 1600) is None  # 400 steps: still lagging
 
 
+def test_an_average_asked_for_or_refused_is_kept_by_the_plan_and_its_reruns():
+    from segflow.train.config import TrainConfig
+    from segflow.train.plan import recorded
+
+    base = {"dataset": "d", "models": "m", "time_budget": "25m"}
+    record = {**base, "encoder": "resnet18", "encoder_weights": None, "size": [64, 64]}
+    record.update(batch_size=16, epochs=9, plan={"epochs": 9})
+    old = recorded(TrainConfig(**base), record)  # a record from before ema_decay was planned
+    assert old.ema_decay is None and old.epochs == 9
+    planned = recorded(TrainConfig(**base), {**record, "ema_decay": 0.99})
+    assert planned.ema_decay == 0.99
+    off = recorded(TrainConfig(**base, ema_decay=0), {**record, "ema_decay": 0.99})
+    assert off.ema_decay is None and "ema_decay" in off.model_fields_set
+    mine = recorded(TrainConfig(**base, ema_decay=0.9), {**record, "ema_decay": 0.99})
+    assert mine.ema_decay == 0.9
+
+
 def test_budget_too_small_for_one_epoch_is_refused_with_the_minimum():
     with pytest.raises(BudgetError) as e:
         _plan(20)

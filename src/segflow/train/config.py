@@ -77,10 +77,11 @@ class TrainConfig(StageConfig):
     min_epochs: int = Field(8, ge=1, description="with --time-budget: epochs a plan must fit")
     ema_decay: float | None = Field(
         None,
-        gt=0,
+        ge=0,
         lt=1,
         description="keep an exponential moving average of the weights with this decay per "
-        "step (e.g. 0.99): validation, best.pt and the ensemble use the average",
+        "step (e.g. 0.99): validation, best.pt and the ensemble use the average; 0: none "
+        "(default: none, or 0.99 when a --time-budget plan takes 500+ steps)",
     )
     plan: dict[str, Any] | None = None  # written by the planner: the plan and what it measured
     deadline: float | None = None  # unix time by which the whole training must be done
@@ -149,6 +150,11 @@ class TrainConfig(StageConfig):
         # the packaged weights of this encoder; an encoder without any starts from random
         encoder = info.data.get("encoder")
         return next((name for name, enc in NAMED_SOURCES.items() if enc == encoder), None)
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _no_average(cls, v: float | None) -> float | None:
+        return None if v == 0 else v  # 0 turns the average off, also against the planner
 
     @field_validator("time_budget")
     @classmethod

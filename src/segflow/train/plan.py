@@ -409,9 +409,10 @@ PLANNED_FIELDS = (
     "plan",
 )
 #: a planned run keeps an average of its weights (train.ema_decay) when it takes enough
-#: optimiser steps for the average to settle (several of its ~1 / (1 - decay) horizons): on
-#: ISIC's 25-minute run it gave +0.003 thresholded Jaccard with one epoch fewer
-#: (docs/results.md, ablations)
+#: optimiser steps for the average to settle (several of its ~1 / (1 - decay) horizons); one
+#: pair of 25-minute ISIC runs gave +0.003 thresholded Jaccard with it (docs/results.md,
+#: ablations). Its per-step cost is not in the measured step times: a few % of a CPU step,
+#: inside the 1.1 safety factor
 PLAN_EMA_DECAY = 0.99
 EMA_MIN_STEPS = 500
 
@@ -571,7 +572,10 @@ def recorded(cfg: TrainConfig, record: Mapping[str, Any] | None) -> TrainConfig:
         return cfg
     if record.get("time_budget") != cfg.time_budget or record.get("dataset") != cfg.dataset:
         return cfg
-    # a record written before a field was planned keeps the value that run trained with
+    # a record written before a field was planned keeps the value that run trained with; an
+    # average asked for (or refused) explicitly stays, for check_models to compare
     update = {k: record[k] for k in PLANNED_FIELDS if k in record}
+    if "ema_decay" in cfg.model_fields_set:
+        update.pop("ema_decay", None)
     update["size"] = tuple(update["size"])
     return cfg.model_copy(update=update)
