@@ -126,7 +126,7 @@ def measure(models_url: str, dataset_url: str) -> dict:
     """The signal's figures on the OOF images of a trained models folder, scored where the
     version's choice is made (the original mask resolution when the dataset names sources)."""
     from segflow.predict.postprocess import oof_choice, save_choice
-    from segflow.predict.uncertainty import oof_uncertainty, spearman
+    from segflow.predict.uncertainty import oof_records, oof_uncertainty, spearman
     from segflow.storage import Store
 
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def measure(models_url: str, dataset_url: str) -> dict:
     choice, rows, jaccard = found.choice, found.rows, found.jaccard
     save_choice(models_url, choice)  # as choose_from_models: predict reuses it
     models = Store(models_url)
-    stored = oof_uncertainty(models)
+    stored = oof_uncertainty(oof_records(models))
     scores = np.array([stored[r] for r in rows])
     cut = choice.review_threshold
     flagged = scores >= cut if cut is not None else np.zeros(len(rows), bool)

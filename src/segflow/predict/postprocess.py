@@ -14,11 +14,8 @@ live in :mod:`segflow.masks`.
 
 from __future__ import annotations
 
-import json
 import logging
-import posixpath
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import zip_longest
 from typing import Any
@@ -28,7 +25,7 @@ import numpy as np
 from segflow.errors import DatasetError, InputError
 from segflow.masks import POSTPROCESS, fill_holes, largest_component
 from segflow.metrics import TJ_THRESHOLD
-from segflow.predict.uncertainty import calibrate_oof
+from segflow.predict.uncertainty import calibrate_oof, oof_records
 from segflow.storage import StorageOptions, Store
 
 log = logging.getLogger("segflow.predict")
@@ -37,8 +34,6 @@ THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.arange(0.1, 
 MIN_GAIN = 1e-4  # a post-processing step must beat "none" by more than this to be adopted
 CHUNK = 64  # images per read: 64 x 256 x 256 keeps every temporary array in the tens of MB
 CHOICE_FILE = "postprocess.json"
-
-_FOLD_DIR = re.compile(r"^fold-(\d+)$")
 
 
 # -- the choice -----------------------------------------------------------------------------------
@@ -158,17 +153,16 @@ def _best_method(scores: dict[str, float]) -> str:
 def _tally(
     pairs: Iterator[tuple[np.ndarray, np.ndarray]], ts: np.ndarray, methods: Sequence[str]
 ) -> tuple[np.ndarray, int]:
-    """Sum of per-image thresholded Jaccard, (len(methods), len(ts)), and the image count."""
+    """Sum of per-image thresholded Jaccard, (len(methods), len(ts)), and the image count;
+    ``methods`` is ``("none",)`` or all of :data:`POSTPROCESS` (a one-shot input)."""
     sums = np.zeros((len(methods), len(ts)))
-    steps = [m for m in methods if m != "none"]
-    rows = [methods.index(m) for m in steps]
     n = 0
     for prob, truth in pairs:
         levels = _levels(prob, ts)
-        if "none" in methods:
-            sums[methods.index("none")] += _tj_all_thresholds(levels, truth, len(ts)).sum(0)
-        for j in range(len(ts)) if steps else ():
-            sums[rows, j] += _tj_postprocessed(levels > j, truth, steps)
+        sums[0] += _tj_all_thresholds(levels, truth, len(ts)).sum(0)
+        if len(methods) > 1:  # every step at every threshold: a one-shot input is read once
+            for j in range(len(ts)):
+                sums[1:, j] += _thresholded(_step_jaccards(levels > j, truth)[1:]).sum(1)
         n += len(prob)
     return sums, n
 
@@ -223,36 +217,27 @@ def _thresholded(jaccard: np.ndarray) -> np.ndarray:
 
 
 def _jaccard_at(pairs: Iterator[tuple[np.ndarray, np.ndarray]], t: float) -> np.ndarray:
-    """(len(POSTPROCESS), N) plain Jaccard of every image after each step at threshold ``t``;
-    the largest component is found once and shared by "lcc" and "lcc_fill"."""
-    out: list[np.ndarray] = []
-    count = np.count_nonzero
-    for prob, truth in pairs:
-        pred = _levels(prob, np.array([t])) > 0
-        for p, tr in zip(pred, truth, strict=True):
-            kept = largest_component(p)
-            steps = (p, kept, fill_holes(kept))
-            n_t = count(tr)
-            out.append(np.array([_jaccard(count(m & tr), count(m), n_t) for m in steps]))
-    return np.array(out, dtype=np.float64).reshape(-1, len(POSTPROCESS)).T
+    """(len(POSTPROCESS), N) plain Jaccard of every image after each step at threshold ``t``."""
+    out = [_step_jaccards(_levels(prob, np.array([t])) > 0, truth) for prob, truth in pairs]
+    return np.concatenate(out, axis=1) if out else np.zeros((len(POSTPROCESS), 0))
 
 
-def _tj_postprocessed(pred: np.ndarray, truth: np.ndarray, steps: Sequence[str]) -> list[float]:
-    """Summed thresholded Jaccard of each post-processing step ("lcc", "lcc_fill") of a
-    (B, H, W) prediction; the largest component is found once and shared by both."""
+def _step_jaccards(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(len(POSTPROCESS), B) plain Jaccard of each step of a (B, H, W) prediction, in the
+    order of :data:`POSTPROCESS`; the largest component is found once and shared by "lcc"
+    and "lcc_fill"."""
     kept = np.stack([largest_component(p) for p in pred])
-    done = {"lcc": kept}
-    if "lcc_fill" in steps:
-        done["lcc_fill"] = np.stack([fill_holes(k) for k in kept])
-    return [float(_tj_masks(done[m], truth).sum()) for m in steps]
-
-
-def _tj_masks(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    filled = np.stack([fill_holes(k) for k in kept])
     # count_nonzero, not torch's bool sum: the same numbers, ~10x faster on CPU
-    b = len(pred)
-    p, t = pred.reshape(b, -1), truth.reshape(b, -1)
     count = np.count_nonzero
-    return _tj(count(p & t, axis=1), count(p, axis=1), count(t, axis=1))
+    b = len(pred)
+    t = truth.reshape(b, -1)
+    n_t = count(t, axis=1)
+    scores = []
+    for m in (pred, kept, filled):
+        p = m.reshape(b, -1)
+        scores.append(_jaccard(count(p & t, axis=1), count(p, axis=1), n_t))
+    return np.stack(scores)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -346,7 +331,8 @@ def oof_choice(models_url: str, dataset_url: str, storage=None) -> OofChoice:
     from segflow.train.fullres import OofPairs
 
     models = Store(models_url, storage)
-    rows = _oof_rows(models)
+    records = oof_records(models)  # every fold's oof.json, read once
+    rows = _oof_rows(records, models)
     probs = _open_probs(models)
     dataset = Dataset(Store(dataset_url, storage))
     if "masks" not in dataset.group:
@@ -360,7 +346,7 @@ def oof_choice(models_url: str, dataset_url: str, storage=None) -> OofChoice:
             f"trained on another dataset (or another --size)? Choose with the dataset they "
             f"were trained on"
         )
-    _warn_mixed_views(models)
+    _warn_mixed_views(records)
     pairs = OofPairs(dataset, rows, probs, storage)
     choice, jaccard = choose_pairs(pairs)
     choice = replace(choice, resolution=pairs.resolution, n_original=pairs.n_original)
@@ -372,7 +358,7 @@ def oof_choice(models_url: str, dataset_url: str, storage=None) -> OofChoice:
             len(rows),
             pairs.resolution,
         )
-    review = calibrate_oof(models, rows, jaccard)
+    review = calibrate_oof(records, rows, jaccard)
     if review is not None:
         choice = replace(choice, review_threshold=review.threshold, review=review.to_dict())
     return OofChoice(choice, rows, jaccard)
@@ -440,17 +426,11 @@ def review_threshold(models_url: str, storage: StorageOptions | None = None) -> 
     return None if found is None else float(found)
 
 
-def _oof_rows(models: Store) -> list[int]:
-    """The union of the finished folds' OOF rows."""
-    found = models.fs.glob(models.path("fold-*/oof.json"))
-    folds = sorted(
-        int(m.group(1))
-        for p in found
-        if (m := _FOLD_DIR.match(posixpath.basename(posixpath.dirname(str(p)))))
-    )
+def _oof_rows(records: Mapping[int, dict[str, Any]], models: Store) -> list[int]:
+    """The union of the finished folds' OOF rows (``records``: their ``oof.json``)."""
     seen: set[int] = set()
-    for k in folds:
-        rows = [int(r) for r in models.read_json(f"fold-{k}/oof.json").get("rows", [])]
+    for k, rec in records.items():
+        rows = [int(r) for r in rec.get("rows", [])]
         if seen.intersection(rows):
             # K-fold validation sets are disjoint; an overlap means the split changed between
             # runs, and the shared rows hold whichever fold wrote last
@@ -464,20 +444,16 @@ def _oof_rows(models: Store) -> list[int]:
     return sorted(seen)
 
 
-def _warn_mixed_views(models: Store) -> None:
+def _warn_mixed_views(records: Mapping[int, dict[str, Any]]) -> None:
     """Folds trained before the OOF probabilities were the mean of the TTA views (no ``tta``
     in their ``oof.json``) hold the identity view only: mixed with newer folds, the choice
     still runs, but on probabilities of two kinds."""
-    views = {}
-    for path in models.fs.glob(models.path("fold-*/oof.json")):
-        views[posixpath.basename(posixpath.dirname(str(path)))] = json.loads(
-            models.fs.cat_file(path)
-        ).get("tta")
+    views = {k: rec.get("tta") for k, rec in records.items()}
     if len(set(views.values())) > 1:
         log.warning(
             "the folds' OOF probabilities come from different TTA views (%s): retrain the "
             "older folds (into a new --models) for a choice on one kind",
-            ", ".join(f"{k}: {v or 'identity only'}" for k, v in sorted(views.items())),
+            ", ".join(f"fold-{k}: {v or 'identity only'}" for k, v in views.items()),
         )
 
 

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +51,7 @@ log = logging.getLogger("segflow.predict")
 OOF_TTA = "flips"
 #: an image whose OOF thresholded Jaccard is below this should be reviewed (ISIC's TJ cut)
 REVIEW_BELOW = TJ_THRESHOLD
+_FOLD_DIR = re.compile(r"^fold-(\d+)$")
 
 
 # -- the score (on the device) ---------------------------------------------------------------------
@@ -156,12 +160,14 @@ def needs_review(uncertainty: float | None, threshold: float | None) -> bool | N
     return bool(uncertainty >= threshold)
 
 
-def calibrate_oof(models: Store, rows: list[int], jaccard: np.ndarray) -> Calibration | None:
+def calibrate_oof(
+    records: Mapping[int, dict[str, Any]], rows: list[int], jaccard: np.ndarray
+) -> Calibration | None:
     """:func:`calibrate` on the OOF images ``rows`` (their per-image Jaccard at the chosen
     threshold and post-processing, in step with ``rows``), with the per-image scores the folds
-    stored in ``fold-<k>/oof.json``. ``None``, with a logged note, for folds trained before
-    the score was stored."""
-    stored = oof_uncertainty(models)
+    stored in ``fold-<k>/oof.json`` (``records``: :func:`oof_records`). ``None``, with a
+    logged note, for folds trained before the score was stored."""
+    stored = oof_uncertainty(records)
     missing = [r for r in rows if r not in stored]
     if missing:
         log.warning(
@@ -177,11 +183,21 @@ def calibrate_oof(models: Store, rows: list[int], jaccard: np.ndarray) -> Calibr
     return found
 
 
-def oof_uncertainty(models: Store) -> dict[int, float]:
+def oof_records(models: Store) -> dict[int, dict[str, Any]]:
+    """Fold -> its ``fold-<k>/oof.json`` (rows, scale, TTA views, uncertainty), for every fold
+    that has written one: read once, for the choice, its checks and the calibration."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in models.fs.glob(models.path("fold-*/oof.json")):
+        m = _FOLD_DIR.match(posixpath.basename(posixpath.dirname(str(path))))
+        if m:
+            found[int(m.group(1))] = json.loads(models.fs.cat_file(path))
+    return dict(sorted(found.items()))
+
+
+def oof_uncertainty(records: Mapping[int, dict[str, Any]]) -> dict[int, float]:
     """Row -> the OOF uncertainty its fold stored (folds without scores are left out)."""
     scores: dict[int, float] = {}
-    for path in models.fs.glob(models.path("fold-*/oof.json")):
-        rec = json.loads(models.fs.cat_file(path))
+    for rec in records.values():
         values = rec.get("uncertainty")
         if values is not None and len(values) == len(rec.get("rows", [])):
             scores.update(zip((int(r) for r in rec["rows"]), map(float, values), strict=True))

@@ -121,8 +121,8 @@ def fold_scores(
             return None
 
     # PIL decodes and resizes off the GIL; few threads, as each may hold a huge source
-    with ThreadPoolExecutor(max(1, min(cpu_count(), MAX_THREADS))) as pool:
-        scored = [s for s in pool.map(one, [int(r) for r in rows]) if s is not None]
+    threads = max(1, min(cpu_count(), MAX_THREADS))
+    scored = [s for s in bounded_map(one, [int(r) for r in rows], threads) if s is not None]
     if not scored:
         if unreadable:
             log.warning(
